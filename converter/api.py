@@ -1,0 +1,254 @@
+"""Convert a Keras model into a trainable, builtin-only ``.tflite`` + manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from converter import ops
+from converter.errors import UnsupportedModelError, VerificationError
+from converter.graph import GraphSpec, TrainingModule, to_tflite
+from converter.losses import Head, canonical_loss
+from converter.lowering import lower_model
+from converter.optimizers import OptimizerConfig
+from converter.spec import load_model
+from converter.verify import VerificationReport, random_batches, verify_against_keras
+from edge_client import __version__
+from edge_client.manifest import Manifest, manifest_path_for, save_manifest
+from edge_client.model_file import sha256_hex
+from edge_client.runtime import TrainableModel
+from edge_client.weights import TensorSpec
+
+_LOSS_CLASS_NAMES = {
+    "SparseCategoricalCrossentropy": "sparse_categorical_crossentropy",
+    "BinaryCrossentropy": "binary_crossentropy",
+    "MeanSquaredError": "mean_squared_error",
+}
+_FUSABLE = {"sparse_categorical_crossentropy": "softmax", "binary_crossentropy": "sigmoid"}
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """How to convert. ``None`` means: take it from the compiled model, else the default."""
+
+    batch_size: int
+    loss: str | None = None
+    from_logits: bool | None = None
+    optimizer: str | None = None
+    learning_rate: float | None = None
+    momentum: float | None = None
+    nesterov: bool | None = None
+    verify: bool = True
+    verify_steps: int = 3
+    tolerance: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UnsupportedModelError(f"batch size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class ConvertedModel:
+    """The serialized model, its manifest and what verification measured."""
+
+    tflite: bytes
+    manifest: Manifest
+    report: VerificationReport | None
+
+    def save(self, path: str | Path) -> tuple[Path, Path]:
+        """Write ``path`` (.tflite) and its manifest beside it; return both paths."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(self.tflite)
+        tmp.replace(path)
+        manifest_path = manifest_path_for(path)
+        save_manifest(self.manifest, manifest_path)
+        return path, manifest_path
+
+
+def resolve_loss(model: keras.Model, config: ConvertConfig) -> tuple[str, bool]:
+    """Loss name and from_logits: the flags win, then the compiled loss."""
+    compiled = getattr(model, "loss", None)
+    name, from_logits = None, False
+    if isinstance(compiled, str):
+        name = compiled
+    elif isinstance(compiled, keras.losses.Loss):
+        name = _LOSS_CLASS_NAMES.get(type(compiled).__name__, type(compiled).__name__)
+        cfg = compiled.get_config()
+        from_logits = bool(cfg.get("from_logits", False))
+        if cfg.get("label_smoothing") or cfg.get("ignore_class") is not None:
+            raise UnsupportedModelError("label_smoothing and ignore_class are not supported")
+    elif callable(compiled):
+        name = compiled.__name__
+    elif compiled is not None:
+        raise UnsupportedModelError(f"compiled loss {compiled!r} is not supported; pass --loss")
+    name = config.loss or name
+    if name is None:
+        raise UnsupportedModelError("the model is not compiled with a loss; pass --loss")
+    from_logits = from_logits if config.from_logits is None else config.from_logits
+    return canonical_loss(name), from_logits
+
+
+def resolve_optimizer(model: keras.Model, config: ConvertConfig) -> OptimizerConfig:
+    """Optimizer settings: the flags win, then the compiled optimizer, then SGD 0.01."""
+    compiled = getattr(model, "optimizer", None)
+    base = OptimizerConfig()
+    if compiled is not None:
+        base = _from_keras_optimizer(compiled)
+    overrides = {
+        "name": config.optimizer,
+        "learning_rate": config.learning_rate,
+        "momentum": config.momentum,
+        "nesterov": config.nesterov,
+    }
+    if config.optimizer and config.optimizer != base.name:
+        base = OptimizerConfig(name=config.optimizer, learning_rate=base.learning_rate)
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _from_keras_optimizer(opt: keras.optimizers.Optimizer) -> OptimizerConfig:
+    cfg = opt.get_config()
+    name = type(opt).__name__.lower()
+    if name not in ("sgd", "adam"):
+        raise UnsupportedModelError(
+            f"compiled optimizer {type(opt).__name__} is not supported; pass --optimizer sgd|adam"
+        )
+    for key in ("weight_decay", "clipnorm", "clipvalue", "global_clipnorm", "gradient_accumulation_steps"):
+        if cfg.get(key):
+            raise UnsupportedModelError(f"optimizer option {key}={cfg[key]!r} is not supported; remove it")
+    if cfg.get("use_ema") or cfg.get("amsgrad"):
+        raise UnsupportedModelError("use_ema and amsgrad are not supported")
+    lr = cfg.get("learning_rate")
+    if not isinstance(lr, (int, float)):
+        raise UnsupportedModelError("learning-rate schedules are not supported; pass --learning-rate")
+    if name == "sgd":
+        return OptimizerConfig("sgd", float(lr), float(cfg.get("momentum", 0.0)), bool(cfg.get("nesterov", False)))
+    return OptimizerConfig(
+        "adam", float(lr), beta_1=float(cfg["beta_1"]), beta_2=float(cfg["beta_2"]), epsilon=float(cfg["epsilon"])
+    )
+
+
+def _static_shape(tensor, what: str) -> tuple[int, ...]:
+    shape = tuple(tensor.shape[1:])
+    if any(d is None for d in shape):
+        raise UnsupportedModelError(f"the model's {what} shape {shape} must be fully defined (except the batch)")
+    return shape
+
+
+def build_graph_spec(
+    model: keras.Model, config: ConvertConfig, optimizer: OptimizerConfig, dropout: bool = True
+) -> tuple[GraphSpec, bool]:
+    """Lower ``model`` and attach its head; return the spec and from_logits."""
+    loss, from_logits = resolve_loss(model, config)
+    lowered = lower_model(model)
+    out_shape = _static_shape(model.outputs[0], "output")
+    if len(out_shape) != 1:
+        raise UnsupportedModelError(f"the model output must be a vector per example, got shape {out_shape}")
+    if loss == "sparse_categorical_crossentropy" and out_shape[0] < 2:
+        raise UnsupportedModelError("sparse categorical cross-entropy needs at least 2 outputs")
+    last = lowered[-1]
+    fused = not from_logits and isinstance(last, ops.Activation) and last.kind == _FUSABLE.get(loss)
+    if fused:
+        lowered = lowered[:-1]
+    if not dropout:
+        lowered = [dataclasses.replace(op, active=False) if isinstance(op, ops.Dropout) else op for op in lowered]
+    head = Head(loss, on_logits=from_logits or fused, num_outputs=out_shape[0])
+    spec = GraphSpec(tuple(lowered), head, optimizer, config.batch_size, _static_shape(model.inputs[0], "input"))
+    return spec, from_logits
+
+
+def _manifest(
+    model: keras.Model, spec: GraphSpec, module: TrainingModule, tflite: bytes, from_logits: bool
+) -> Manifest:
+    b, head = spec.batch_size, spec.head
+    state = [
+        TensorSpec(n, tuple(v.shape), "float32")
+        for n, v in zip(module.state_names(), module.state_variables(), strict=True)
+    ]
+    outputs = ["loss", "correct"] if head.task != "regression" else ["loss"]
+    weight_names = [p.name for p in spec.params] + [s.name for s in state]
+    return Manifest(
+        model_name=model.name,
+        task=head.task,
+        batch_size=b,
+        input=TensorSpec("x", (b, *spec.input_shape), spec.input_dtype),
+        label=TensorSpec("y", tuple(head.label_shape(b)), head.label_dtype.name),
+        output=TensorSpec("output", (b, head.num_outputs), "float32"),
+        num_classes=head.num_outputs if head.task == "multiclass" else (2 if head.task == "binary" else 0),
+        loss={"name": head.loss, "from_logits": from_logits},
+        optimizer=spec.optimizer.to_json(),
+        weights=tuple(TensorSpec(p.name, p.initial.shape, "float32") for p in spec.params),
+        optimizer_state=tuple(state),
+        signatures={
+            "train": {"inputs": ["x", "y", "sample_weight", "lr", "mu"], "outputs": outputs},
+            "infer": {"inputs": ["x"], "outputs": ["output"]},
+            "evaluate": {"inputs": ["x", "y", "sample_weight"], "outputs": ["loss_sum", *outputs[1:]]},
+            "get_weights": {"inputs": [], "outputs": weight_names},
+            "set_weights": {"inputs": weight_names, "outputs": ["count"]},
+        },
+        model_sha256=sha256_hex(tflite),
+        converter_version=__version__,
+    )
+
+
+def convert_model(
+    model: keras.Model, config: ConvertConfig, log: Callable[[str], None] = lambda _: None
+) -> ConvertedModel:
+    """Convert an in-memory Keras model; verify it unless ``config.verify`` is False."""
+    optimizer = resolve_optimizer(model, config)
+    spec, from_logits = build_graph_spec(model, config, optimizer)
+    module = TrainingModule(spec)
+    log(f"lowered {len(spec.ops)} ops, {sum(p.initial.size for p in spec.params):,} parameters; converting")
+    with tempfile.TemporaryDirectory(prefix="litefed-") as tmp:
+        tflite = to_tflite(module, tmp)
+    manifest = _manifest(model, spec, module, tflite, from_logits)
+    report = None
+    if config.verify:
+        report = _verify(model, config, optimizer, spec, tflite, manifest, log)
+        manifest = dataclasses.replace(manifest, verification=report.to_json())
+    return ConvertedModel(tflite, manifest, report)
+
+
+def _verify(model, config, optimizer, spec, tflite, manifest, log) -> VerificationReport:
+    has_dropout = any(isinstance(op, ops.Dropout) and op.rate > 0 for op in spec.ops)
+    if has_dropout:
+        # Random masks cannot match TensorFlow's; verify the same graph with dropout off,
+        # and check that the real model trains to a finite loss.
+        real = TrainableModel(tflite, manifest)
+        batch = random_batches(manifest, 1, config.seed)[0]
+        if not np.isfinite(real.train_step(batch.x, batch.y, batch.sample_weight).loss):
+            raise VerificationError("the converted model's train step returned a non-finite loss")
+        twin_spec, from_logits = build_graph_spec(model, config, optimizer, dropout=False)
+        twin = TrainingModule(twin_spec)
+        with tempfile.TemporaryDirectory(prefix="litefed-") as tmp:
+            twin_tflite = to_tflite(twin, tmp)
+        tflite, manifest = twin_tflite, _manifest(model, twin_spec, twin, twin_tflite, from_logits)
+        log("model has dropout: verifying its dropout-free twin against TensorFlow")
+    report = verify_against_keras(
+        model, tflite, manifest, optimizer, config.verify_steps, config.tolerance, config.seed
+    )
+    log(
+        f"verified {report.steps} train steps against TensorFlow: max |diff| loss {report.loss_max_abs_diff:.2e}, "
+        f"weights {report.weights_max_abs_diff:.2e}, infer {report.infer_max_abs_diff:.2e}"
+    )
+    return report
+
+
+def convert(
+    model: keras.Model | str, output: str | Path, config: ConvertConfig, log: Callable[[str], None] = lambda _: None
+) -> ConvertedModel:
+    """Load ``model`` if it is a SPEC, convert, verify and write OUT.tflite + OUT.json."""
+    if isinstance(model, str):
+        model = load_model(model)
+    converted = convert_model(model, config, log)
+    model_path, manifest_path = converted.save(output)
+    log(f"wrote {model_path} ({len(converted.tflite) / 1e6:.1f} MB) and {manifest_path}")
+    return converted

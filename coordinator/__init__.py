@@ -1,0 +1,1 @@
+"""litefed coordinator: runs federated rounds over MQTT (see issue 3)."""

@@ -1,0 +1,22 @@
+"""Exceptions raised by the edge client.
+
+Every message says what went wrong and what the user can do about it.
+"""
+
+from __future__ import annotations
+
+
+class EdgeClientError(Exception):
+    """Base class for every error raised by :mod:`edge_client`."""
+
+
+class ManifestError(EdgeClientError):
+    """A model manifest is missing, malformed or does not match its model."""
+
+
+class ModelFileError(EdgeClientError):
+    """A ``.tflite`` file cannot be read or uses operators LiteRT cannot run."""
+
+
+class WeightsError(EdgeClientError):
+    """Weights do not match the model (names, shapes, dtypes or values)."""

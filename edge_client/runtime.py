@@ -1,0 +1,196 @@
+"""Train, evaluate and predict with a converted model on the LiteRT interpreter.
+
+This is the only module that drives ``ai_edge_litert``. It needs numpy and
+ai-edge-litert and nothing else, so it runs on a Raspberry Pi as it runs on
+the coordinator (which evaluates the global model through it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+
+from edge_client.errors import ManifestError, WeightsError
+from edge_client.manifest import Manifest, load_manifest, manifest_path_for
+from edge_client.model_file import require_builtin_only, sha256_hex
+from edge_client.weights import NamedArray, Weights, check_weights
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Outputs of one ``train`` step: mean loss and weighted correct count."""
+
+    loss: float
+    correct: float
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Loss and accuracy over a whole dataset (accuracy is None for regression)."""
+
+    loss: float
+    accuracy: float | None
+    num_examples: int
+
+
+def padded_batches(
+    num_examples: int, batch_size: int, order: np.ndarray | None = None
+) -> Iterator[tuple[np.ndarray, int]]:
+    """Yield ``(indices, num_real)`` batches of exactly ``batch_size`` indices.
+
+    The last batch is padded by repeating its first index; ``num_real``
+    tells how many entries are real so that padding gets sample weight 0.
+    """
+    order = np.arange(num_examples) if order is None else order
+    for start in range(0, num_examples, batch_size):
+        idx = order[start : start + batch_size]
+        real = len(idx)
+        if real < batch_size:
+            idx = np.concatenate([idx, np.full(batch_size - real, idx[0])])
+        yield idx, real
+
+
+class TrainableModel:
+    """A converted model loaded into one LiteRT interpreter."""
+
+    def __init__(self, model: bytes, manifest: Manifest, num_threads: int | None = None):
+        if sha256_hex(model) != manifest.model_sha256:
+            raise ManifestError(
+                "the manifest does not belong to this model (sha256 mismatch); "
+                "use the .json written beside the .tflite by the same conversion"
+            )
+        require_builtin_only(model)
+        self.manifest = manifest
+        self._interpreter = Interpreter(model_content=model, num_threads=num_threads)
+        self._runners = {name: self._interpreter.get_signature_runner(name) for name in manifest.signatures}
+        self._x_dtype = np.dtype(manifest.input.dtype)
+        self._y_dtype = np.dtype(manifest.label.dtype)
+
+    @classmethod
+    def load(
+        cls,
+        model_path: str | Path,
+        manifest_path: str | Path | None = None,
+        num_threads: int | None = None,
+    ) -> TrainableModel:
+        """Load ``model.tflite`` and its manifest (``model.json`` by default)."""
+        manifest = load_manifest(manifest_path or manifest_path_for(model_path))
+        return cls(Path(model_path).read_bytes(), manifest, num_threads=num_threads)
+
+    @property
+    def batch_size(self) -> int:
+        return self.manifest.batch_size
+
+    # -- single batches -------------------------------------------------------
+    def train_step(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        sample_weight: np.ndarray | None = None,
+        lr: float | None = None,
+        mu: float = 0.0,
+    ) -> StepResult:
+        """One optimizer step on one full batch (``batch_size`` examples)."""
+        lr = self.manifest.optimizer["learning_rate"] if lr is None else lr
+        out = self._runners["train"](
+            x=np.asarray(x, self._x_dtype),
+            y=np.asarray(y, self._y_dtype),
+            sample_weight=self._weights_or_ones(sample_weight),
+            lr=np.float32(lr),
+            mu=np.float32(mu),
+        )
+        return StepResult(float(out["loss"]), float(out.get("correct", 0.0)))
+
+    def infer_batch(self, x: np.ndarray) -> np.ndarray:
+        """Model outputs (probabilities for classifiers) for one full batch."""
+        return self._runners["infer"](x=np.asarray(x, self._x_dtype))["output"]
+
+    def _weights_or_ones(self, sample_weight: np.ndarray | None) -> np.ndarray:
+        if sample_weight is None:
+            return np.ones(self.batch_size, np.float32)
+        return np.asarray(sample_weight, np.float32)
+
+    # -- whole datasets -------------------------------------------------------
+    def fit(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        epochs: int = 1,
+        lr: float | None = None,
+        mu: float = 0.0,
+        rng: np.random.Generator | None = None,
+    ) -> Metrics:
+        """Train ``epochs`` passes over ``(x, y)``; return the running train metrics.
+
+        Examples are shuffled each epoch when ``rng`` is given. The last,
+        partial batch is padded with zero-weight examples.
+        """
+        total_loss, total_correct, seen = 0.0, 0.0, 0
+        for _ in range(epochs):
+            order = rng.permutation(len(x)) if rng is not None else None
+            for idx, real in padded_batches(len(x), self.batch_size, order):
+                weight = np.zeros(self.batch_size, np.float32)
+                weight[:real] = 1.0
+                step = self.train_step(x[idx], y[idx], weight, lr=lr, mu=mu)
+                total_loss += step.loss * real
+                total_correct += step.correct
+                seen += real
+        return self._metrics(total_loss, total_correct, seen)
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> Metrics:
+        """Exact dataset loss and accuracy through the ``evaluate`` signature."""
+        total_loss, total_correct = 0.0, 0.0
+        for idx, real in padded_batches(len(x), self.batch_size):
+            weight = np.zeros(self.batch_size, np.float32)
+            weight[:real] = 1.0
+            out = self._runners["evaluate"](
+                x=np.asarray(x[idx], self._x_dtype),
+                y=np.asarray(y[idx], self._y_dtype),
+                sample_weight=weight,
+            )
+            total_loss += float(out["loss_sum"])
+            total_correct += float(out.get("correct", 0.0))
+        return self._metrics(total_loss, total_correct, len(x))
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Outputs for any number of examples (padded to full batches internally)."""
+        parts = [self.infer_batch(x[idx])[:real] for idx, real in padded_batches(len(x), self.batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, *self.manifest.output.shape[1:]))
+
+    def _metrics(self, loss_sum: float, correct: float, count: int) -> Metrics:
+        if count == 0:
+            return Metrics(0.0, None, 0)
+        accuracy = correct / count if self.manifest.is_classifier else None
+        return Metrics(loss_sum / count, accuracy, count)
+
+    # -- weights --------------------------------------------------------------
+    def get_weights(self, include_optimizer: bool = False) -> Weights:
+        """Current weights in manifest order, optionally with optimizer state."""
+        out = self._runners["get_weights"]()
+        specs = self.manifest.all_weights if include_optimizer else self.manifest.weights
+        return [NamedArray(s.name, np.array(out[s.name])) for s in specs]
+
+    def set_weights(self, weights: Weights) -> None:
+        """Assign weights and make them the FedProx anchor.
+
+        ``weights`` holds either the trainable tensors only, in which case the
+        optimizer state is reset to zero (a fresh local optimizer, as at the
+        start of a federated round), or trainable tensors plus optimizer state.
+        Everything is validated before anything is assigned.
+        """
+        specs = self.manifest.all_weights
+        if len(weights) == len(self.manifest.weights):
+            weights = list(weights) + [
+                NamedArray(s.name, np.zeros(s.shape, s.dtype)) for s in self.manifest.optimizer_state
+            ]
+        elif len(weights) != len(specs):
+            raise WeightsError(
+                f"expected {len(self.manifest.weights)} trainable tensors "
+                f"(or {len(specs)} with optimizer state), got {len(weights)}"
+            )
+        check_weights(weights, specs)
+        self._runners["set_weights"](**{name: array for name, array in weights})
