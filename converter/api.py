@@ -20,8 +20,9 @@ from converter.optimizers import OptimizerConfig
 from converter.spec import load_model
 from converter.verify import VerificationReport, random_batches, verify_against_keras
 from edge_client import __version__
+from edge_client.errors import ModelFileError
 from edge_client.manifest import Manifest, manifest_path_for, save_manifest
-from edge_client.model_file import sha256_hex
+from edge_client.model_file import require_builtin_only, sha256_hex
 from edge_client.runtime import TrainableModel
 from edge_client.weights import TensorSpec
 
@@ -130,10 +131,15 @@ def _from_keras_optimizer(opt: keras.optimizers.Optimizer) -> OptimizerConfig:
     if not isinstance(lr, (int, float)):
         raise UnsupportedModelError("learning-rate schedules are not supported; pass --learning-rate")
     if name == "sgd":
-        return OptimizerConfig("sgd", float(lr), float(cfg.get("momentum", 0.0)), bool(cfg.get("nesterov", False)))
+        return OptimizerConfig("sgd", _f32(lr), _f32(cfg.get("momentum", 0.0)), bool(cfg.get("nesterov", False)))
     return OptimizerConfig(
-        "adam", float(lr), beta_1=float(cfg["beta_1"]), beta_2=float(cfg["beta_2"]), epsilon=float(cfg["epsilon"])
+        "adam", _f32(lr), beta_1=_f32(cfg["beta_1"]), beta_2=_f32(cfg["beta_2"]), epsilon=_f32(cfg["epsilon"])
     )
+
+
+def _f32(value: float) -> float:
+    """Keras keeps hyper-parameters as float32; record 0.3, not 0.30000001192092896."""
+    return float(str(np.float32(value)))
 
 
 def _static_shape(tensor, what: str) -> tuple[int, ...]:
@@ -209,12 +215,21 @@ def convert_model(
     log(f"lowered {len(spec.ops)} ops, {sum(p.initial.size for p in spec.params):,} parameters; converting")
     with tempfile.TemporaryDirectory(prefix="litefed-") as tmp:
         tflite = to_tflite(module, tmp)
+    _require_builtin_only(tflite)
     manifest = _manifest(model, spec, module, tflite, from_logits)
     report = None
     if config.verify:
         report = _verify(model, config, optimizer, spec, tflite, manifest, log)
         manifest = dataclasses.replace(manifest, verification=report.to_json())
     return ConvertedModel(tflite, manifest, report)
+
+
+def _require_builtin_only(tflite: bytes) -> None:
+    """Refuse to produce a model the plain LiteRT interpreter cannot run (even with --no-verify)."""
+    try:
+        require_builtin_only(tflite)
+    except ModelFileError as exc:
+        raise VerificationError(str(exc)) from exc
 
 
 def _verify(model, config, optimizer, spec, tflite, manifest, log) -> VerificationReport:

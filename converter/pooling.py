@@ -64,11 +64,16 @@ def scatter_windows(parts, pool, strides, padded_hw, out_hw) -> tf.Tensor:
     return total
 
 
-def pad_input(x: tf.Tensor, pool, strides, padding: str, value: float) -> tuple[tf.Tensor, tuple]:
-    """Pad ``x`` as TensorFlow does for ``padding``; return it and the pads."""
+def padding_amounts(hw, window, strides, padding: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((top, bottom), (left, right)) that TensorFlow pads for ``padding``."""
     if padding != "same":
-        return x, ((0, 0), (0, 0))
-    pads = tuple(same_padding(x.shape[a], pool[a - 1], strides[a - 1]) for a in (1, 2))
+        return (0, 0), (0, 0)
+    return tuple(same_padding(hw[a], window[a], strides[a]) for a in (0, 1))
+
+
+def pad_input(x: tf.Tensor, window, strides, padding: str, value: float) -> tuple[tf.Tensor, tuple]:
+    """Pad ``x`` as TensorFlow does for ``padding``; return it and the pads."""
+    pads = padding_amounts(tuple(x.shape[1:3]), window, strides, padding)
     if pads == ((0, 0), (0, 0)):
         return x, pads
     return tf.pad(x, [[0, 0], list(pads[0]), list(pads[1]), [0, 0]], constant_values=value), pads
@@ -101,10 +106,7 @@ def max_pool_grad(x, y, dy, pool, strides, padding) -> tf.Tensor:
 
 def avg_pool_counts(hw, pool, strides, padding) -> np.ndarray:
     """How many real (non-padding) inputs each output window averages."""
-    ones = np.ones(hw, np.float32)
-    if padding == "same":
-        pads = [same_padding(hw[a], pool[a], strides[a]) for a in (0, 1)]
-        ones = np.pad(ones, pads)
+    ones = np.pad(np.ones(hw, np.float32), padding_amounts(hw, pool, strides, padding))
     out = [output_size(hw[a], pool[a], strides[a], padding) for a in (0, 1)]
     counts = np.zeros(out, np.float32)
     for i in range(pool[0]):
@@ -120,7 +122,7 @@ def avg_pool_grad(x, dy, pool, strides, padding) -> tf.Tensor:
     hw = tuple(x.shape[1:3])
     counts = avg_pool_counts(hw, pool, strides, padding)
     share = dy / tf.constant(counts[None, :, :, None])
-    _, pads = pad_input(x, pool, strides, padding, value=0.0)
+    pads = padding_amounts(hw, pool, strides, padding)
     padded_hw = (hw[0] + sum(pads[0]), hw[1] + sum(pads[1]))
     parts = {(i, j): share for i in range(pool[0]) for j in range(pool[1])}
     grad = scatter_windows(parts, pool, strides, padded_hw, tuple(dy.shape[1:3]))

@@ -41,7 +41,7 @@ def load_model(spec: str) -> keras.Model:
     except Exception as exc:
         raise ModelSpecError(f"{source}:{function_name}() failed: {exc!r}") from exc
     if not isinstance(model, keras.Model):
-        raise ModelSpecError(f"{path}:{function_name}() returned {type(model).__name__}, not a keras.Model")
+        raise ModelSpecError(f"{source}:{function_name}() returned {type(model).__name__}, not a keras.Model")
     return model
 
 
