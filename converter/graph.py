@@ -90,6 +90,10 @@ class TrainingModule(tf.Module):
             index -= n
         return grads
 
+    def _proximal(self, grads, params, mu):
+        """Add the gradient of the FedProx term mu/2 * ||w - anchor||^2."""
+        return [g + mu * (p - a) for g, p, a in zip(grads, params, self.anchors, strict=True)]
+
     def train(self, x, y, sample_weight, lr, mu):
         params = [w.read_value() for w in self.weights]
         out, caches = self._forward(x, params, training=True)
@@ -97,7 +101,7 @@ class TrainingModule(tf.Module):
         scale = sample_weight / weight_sum
         head = self.spec.head
         grads = self._backward(head.output_grad(out, y, scale), caches, params)
-        grads = [g + mu * (p - a) for g, p, a in zip(grads, params, self.anchors, strict=True)]
+        grads = tf.cond(mu > 0.0, lambda: self._proximal(grads, params, mu), lambda: grads)
         result = {"loss": tf.reduce_sum(head.per_example(out, y) * scale)}
         correct = head.correct(out, y)
         if correct is not None:
