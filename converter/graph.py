@@ -106,7 +106,7 @@ class TrainingModule(tf.Module):
         correct = head.correct(out, y)
         if correct is not None:
             result["correct"] = tf.reduce_sum(correct * sample_weight)
-        apply_updates(self.spec.optimizer, self.weights, grads, self.slots, self.step, lr)
+        apply_updates(self.spec.optimizer, self.weights, params, grads, self.slots, self.step, lr)
         return result
 
     def infer(self, x):

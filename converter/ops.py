@@ -20,6 +20,17 @@ from converter import windows
 Cache = Any
 
 
+def matmul_transposed_b(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """``a @ b^T`` that stays a BATCH_MATMUL.
+
+    A 2-D ``matmul(..., transpose_b=True)`` becomes FULLY_CONNECTED, which is
+    slow with a runtime weight (3.0 ms vs 0.47 ms for the MNIST CNN's
+    3136x512 Dense); the rank-3 form keeps BATCH_MATMUL with adj_y.
+    """
+    out = tf.matmul(tf.reshape(a, [1, *a.shape]), tf.reshape(b, [1, *b.shape]), transpose_b=True)
+    return tf.reshape(out, [a.shape[0], b.shape[0]])
+
+
 @dataclass
 class Param:
     """A trainable tensor: its stable name (``layer/kernel``) and initial value."""
@@ -53,7 +64,7 @@ class Dense(Op):
         grads = [tf.matmul(x, dy, transpose_a=True)]
         if len(params) > 1:
             grads.append(tf.reduce_sum(dy, axis=0))
-        dx = tf.matmul(dy, params[0], transpose_b=True) if need_dx else None
+        dx = matmul_transposed_b(dy, params[0]) if need_dx else None
         return dx, grads
 
 
@@ -75,13 +86,13 @@ class Conv2D(Op):
         out_hw = tuple(
             windows.output_size(x.shape[a], kernel.shape[a - 1], self.strides[a - 1], self.padding) for a in (1, 2)
         )
-        y, patches = windows.correlate(xp, kernel, self.strides, out_hw)
-        return (y + params[1] if len(params) > 1 else y), (x.shape, patches)
+        y = windows.correlate(xp, kernel, self.strides, out_hw)
+        return (y + params[1] if len(params) > 1 else y), (x.shape, xp)
 
     def backward(self, dy, cache, params, need_dx):
-        x_shape, patches = cache
+        x_shape, xp = cache
         kernel = params[0]
-        grads = [windows.correlate_kernel_grad(patches, dy, kernel.shape)]
+        grads = [windows.correlate_kernel_grad(xp, dy, kernel.shape, self.strides)]
         if len(params) > 1:
             grads.append(tf.reduce_sum(dy, axis=[0, 1, 2]))
         dx = self._input_grad(dy, kernel, x_shape) if need_dx else None
@@ -100,7 +111,7 @@ class Conv2D(Op):
         (top, bottom), (left, right) = windows.padding_amounts(tuple(x_shape[1:3]), (kh, kw), (1, 1), self.padding)
         dyp = tf.pad(dy, [[0, 0], [kh - 1 - top, kh - 1 - bottom], [kw - 1 - left, kw - 1 - right], [0, 0]])
         flipped = tf.transpose(tf.reverse(kernel, axis=[0, 1]), [0, 1, 3, 2])
-        return windows.correlate(dyp, flipped, (1, 1), tuple(x_shape[1:3]))[0]
+        return windows.correlate(dyp, flipped, (1, 1), tuple(x_shape[1:3]))
 
 
 @dataclass

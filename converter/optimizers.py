@@ -67,35 +67,37 @@ class OptimizerConfig:
         return self.name == "adam"
 
 
-def apply_updates(config: OptimizerConfig, variables, grads, slots, step, lr) -> None:
+def apply_updates(config: OptimizerConfig, variables, values, grads, slots, step, lr) -> None:
     """Assign the updated values to ``variables`` and their ``slots``.
 
-    ``slots[i]`` holds the slot variables of ``variables[i]`` in
-    ``config.slots`` order; ``step`` is the step counter variable or None.
+    ``values`` are the variables as read at the start of the step (reading
+    them again would copy every weight once more); ``slots[i]`` holds the
+    slot variables of ``variables[i]`` in ``config.slots`` order; ``step`` is
+    the step counter variable or None.
     """
     if config.name == "adam":
-        _adam(config, variables, grads, slots, step, lr)
+        _adam(config, variables, values, grads, slots, step, lr)
         return
-    for var, grad, var_slots in zip(variables, grads, slots, strict=True):
+    for var, value, grad, var_slots in zip(variables, values, grads, slots, strict=True):
         if config.momentum == 0:
-            var.assign_sub(lr * grad)
+            var.assign(value - lr * grad)
             continue
         (velocity,) = var_slots
         new_velocity = config.momentum * velocity - lr * grad
         velocity.assign(new_velocity)
         if config.nesterov:
-            var.assign_add(config.momentum * new_velocity - lr * grad)
+            var.assign(value + (config.momentum * new_velocity - lr * grad))
         else:
-            var.assign_add(new_velocity)
+            var.assign(value + new_velocity)
 
 
-def _adam(config, variables, grads, slots, step, lr) -> None:
+def _adam(config, variables, values, grads, slots, step, lr) -> None:
     t = step + 1.0
     alpha = lr * tf.sqrt(1.0 - tf.pow(config.beta_2, t)) / (1.0 - tf.pow(config.beta_1, t))
-    for var, grad, (m, v) in zip(variables, grads, slots, strict=True):
+    for var, value, grad, (m, v) in zip(variables, values, grads, slots, strict=True):
         new_m = m + (grad - m) * (1.0 - config.beta_1)
         new_v = v + (tf.square(grad) - v) * (1.0 - config.beta_2)
         m.assign(new_m)
         v.assign(new_v)
-        var.assign_sub(new_m * alpha / (tf.sqrt(new_v) + config.epsilon))
+        var.assign(value - new_m * alpha / (tf.sqrt(new_v) + config.epsilon))
     step.assign(t)

@@ -54,7 +54,7 @@ def im2col(xp: tf.Tensor, window: tuple[int, int], strides: tuple[int, int], out
 
 # Largest im2col matrix built at once. The batch is split into chunks under
 # this size so LiteRT's arena can reuse one chunk's buffer for the next.
-PATCH_BUDGET_BYTES = 8 * 2**20
+PATCH_BUDGET_BYTES = 4 * 2**20
 
 
 def batch_chunks(batch: int, bytes_per_example: int, budget: int | None = None) -> list[tuple[int, int]]:
@@ -64,32 +64,32 @@ def batch_chunks(batch: int, bytes_per_example: int, budget: int | None = None) 
     return [(start, min(start + size, batch)) for start in range(0, batch, size)]
 
 
-def correlate(xp: tf.Tensor, kernel: tf.Tensor, strides: tuple[int, int], out_hw) -> tuple[tf.Tensor, list[tf.Tensor]]:
-    """Valid cross-correlation of a padded input with a runtime kernel.
-
-    Returns the ``[batch, out_h, out_w, cout]`` result and the im2col patches
-    of each batch chunk, which the kernel gradient reuses.
-    """
+def correlate(xp: tf.Tensor, kernel: tf.Tensor, strides: tuple[int, int], out_hw) -> tf.Tensor:
+    """Valid cross-correlation of a padded input with a runtime kernel,
+    ``[batch, out_h, out_w, cout]``, im2col chunk by chunk over the batch."""
     kh, kw, cin, cout = kernel.shape
     flat_kernel = tf.reshape(kernel, [kh * kw * cin, cout])
-    per_example = out_hw[0] * out_hw[1] * kh * kw * cin * 4
-    outputs, patches = [], []
-    for start, stop in batch_chunks(xp.shape[0], per_example):
-        chunk = im2col(xp[start:stop], (kh, kw), strides, out_hw)
-        patches.append(chunk)
-        outputs.append(tf.reshape(tf.matmul(chunk, flat_kernel), [stop - start, *out_hw, cout]))
-    return (tf.concat(outputs, axis=0) if len(outputs) > 1 else outputs[0]), patches
+    outputs = [
+        tf.reshape(
+            tf.matmul(im2col(xp[start:stop], (kh, kw), strides, out_hw), flat_kernel), [stop - start, *out_hw, cout]
+        )
+        for start, stop in batch_chunks(xp.shape[0], out_hw[0] * out_hw[1] * kh * kw * cin * 4)
+    ]
+    return tf.concat(outputs, axis=0) if len(outputs) > 1 else outputs[0]
 
 
-def correlate_kernel_grad(patches: list[tf.Tensor], dy: tf.Tensor, kernel_shape) -> tf.Tensor:
-    """Gradient of :func:`correlate` w.r.t. its kernel: sum of patches^T @ dy over chunks."""
-    dy2d = tf.reshape(dy, [-1, kernel_shape[-1]])
-    total, start = None, 0
-    for chunk in patches:
-        stop = start + chunk.shape[0]
-        part = tf.matmul(chunk, dy2d[start:stop], transpose_a=True)
+def correlate_kernel_grad(xp: tf.Tensor, dy: tf.Tensor, kernel_shape, strides: tuple[int, int]) -> tf.Tensor:
+    """Gradient of :func:`correlate` w.r.t. its kernel: the sum over batch chunks
+    of patches^T @ dy. The patches are rebuilt rather than kept from the
+    forward pass: keeping them held ~19 MB of the MNIST CNN's arena through
+    the whole backward pass, for ~1 ms of gathering saved."""
+    kh, kw, cin, cout = kernel_shape
+    out_hw = tuple(dy.shape[1:3])
+    total = None
+    for start, stop in batch_chunks(xp.shape[0], out_hw[0] * out_hw[1] * kh * kw * cin * 4):
+        patches = im2col(xp[start:stop], (kh, kw), strides, out_hw)
+        part = tf.matmul(patches, tf.reshape(dy[start:stop], [-1, cout]), transpose_a=True)
         total = part if total is None else total + part
-        start = stop
     return tf.reshape(total, kernel_shape)
 
 

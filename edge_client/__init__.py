@@ -3,9 +3,6 @@
 Needs only numpy, paho-mqtt and ai-edge-litert; never TensorFlow.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("litefed")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
+# The single source of the package version (pyproject.toml reads it). A plain
+# string: importlib.metadata would pull email, csv & co. into every board's RSS.
+__version__ = "0.1.0"

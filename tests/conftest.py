@@ -95,3 +95,18 @@ def run_without_tensorflow() -> Callable[..., subprocess.CompletedProcess]:
         )
 
     return run
+
+
+@pytest.fixture(scope="session")
+def flex_model() -> bytes:
+    """A model that needs SELECT_TF_OPS: TensorFlow's own ReluGrad kernel."""
+
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([4], tf.float32), tf.TensorSpec([4], tf.float32)])
+    def relu_grad(dy, x):
+        return {"dx": tf.raw_ops.ReluGrad(gradients=dy, features=x) * 2.0}
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([relu_grad.get_concrete_function()], relu_grad)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
+    return converter.convert()

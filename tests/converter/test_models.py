@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_client.model_file import require_builtin_only
+from edge_client.model_file import summarize_operators
 from edge_client.runtime import TrainableModel
 from tests.helpers import separable_binary_data
 
 
 def test_mnist_cnn_converts_builtin_only_and_verifies(mnist_cnn):
-    summary = require_builtin_only(mnist_cnn.tflite)
+    summary = summarize_operators(mnist_cnn.tflite)
     assert summary.custom == ()
     report = mnist_cnn.converted.report
     assert report is not None and report.steps == 3
@@ -38,7 +38,7 @@ def test_mnist_cnn_learns_on_real_mnist(mnist_cnn, mnist_data):
 
 
 def test_tabular_model_converts_builtin_only_and_verifies(tabular):
-    assert require_builtin_only(tabular.tflite).custom == ()
+    assert summarize_operators(tabular.tflite).custom == ()
     assert tabular.converted.report is not None and tabular.converted.report.worst <= 1e-4
     assert tabular.manifest.optimizer["name"] == "adam"
     assert tabular.manifest.loss == {"name": "binary_crossentropy", "from_logits": False}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import tensorflow as tf
 
 from converter import ConvertConfig, VerificationError, convert_model
 from converter.optimizers import OptimizerConfig
@@ -11,19 +10,6 @@ from converter.verify import verify_against_keras
 from edge_client.errors import ModelFileError
 from edge_client.model_file import require_builtin_only, summarize_operators
 from tests.helpers import build_small_cnn
-
-
-@pytest.fixture(scope="module")
-def flex_model() -> bytes:
-    """A model that needs SELECT_TF_OPS: TensorFlow's own ReluGrad kernel."""
-
-    @tf.function(input_signature=[tf.TensorSpec([4], tf.float32), tf.TensorSpec([4], tf.float32)])
-    def relu_grad(dy, x):
-        return {"dx": tf.raw_ops.ReluGrad(gradients=dy, features=x) * 2.0}
-
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([relu_grad.get_concrete_function()], relu_grad)
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
-    return converter.convert()
 
 
 def test_flex_op_is_listed_as_custom(flex_model):
