@@ -3,6 +3,7 @@ LiteRT training step equal to the Keras/TensorFlow step it replaces."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import keras
@@ -33,20 +34,30 @@ class VerificationReport:
         return asdict(self)
 
 
-def random_batches(manifest: Manifest, steps: int, seed: int) -> list[Batch]:
-    """Random inputs and labels shaped for ``manifest``; the last example of
-    every batch has weight 0, as padding would."""
+def random_batches(
+    manifest: Manifest,
+    steps: int,
+    seed: int,
+    make_x: Callable[[np.random.Generator, tuple[int, ...]], np.ndarray] | None = None,
+    weight_range: tuple[float, float] = (0.5, 1.5),
+) -> list[Batch]:
+    """Random inputs, labels and sample weights shaped for ``manifest``.
+
+    Inputs are uniform in [0, 1) unless ``make_x(rng, shape)`` is given. The
+    last example of every batch has weight 0, as padding would.
+    """
     rng = np.random.default_rng(seed)
     batches = []
     for _ in range(steps):
-        x = rng.uniform(0.0, 1.0, manifest.input.shape).astype(manifest.input.dtype)
+        shape = manifest.input.shape
+        x = (make_x(rng, shape) if make_x else rng.uniform(0.0, 1.0, shape)).astype(manifest.input.dtype)
         if manifest.task == "multiclass":
             y = rng.integers(0, manifest.num_classes, manifest.label.shape).astype(np.int32)
         elif manifest.task == "binary":
             y = rng.integers(0, 2, manifest.label.shape).astype(np.float32)
         else:
             y = rng.normal(size=manifest.label.shape).astype(np.float32)
-        w = rng.uniform(0.5, 1.5, manifest.batch_size).astype(np.float32)
+        w = rng.uniform(*weight_range, manifest.batch_size).astype(np.float32)
         w[-1] = 0.0
         batches.append(Batch(x, y, w))
     return batches

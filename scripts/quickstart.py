@@ -61,8 +61,8 @@ def edge_worker(model: str, epochs: int, lr: float) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "build" / "mnist_cnn.tflite"), help="where to write the model")
-    parser.add_argument("--epochs", type=int, default=2, help="local epochs on the bundled subset (default 2)")
-    parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default 0.05)")
+    parser.add_argument("--epochs", type=int, default=3, help="local epochs on the bundled subset (default 3)")
+    parser.add_argument("--lr", type=float, default=0.03, help="SGD learning rate (default 0.03)")
     parser.add_argument("--edge-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.edge_worker:

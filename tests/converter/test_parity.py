@@ -19,7 +19,7 @@ import pytest
 from converter import ConvertConfig, convert_model
 from converter.optimizers import OptimizerConfig
 from converter.reference import Batch, named_weights, reference_steps
-from converter.verify import keras_probabilities
+from converter.verify import keras_probabilities, random_batches
 from edge_client.runtime import TrainableModel
 from edge_client.weights import NamedArray
 from tests.helpers import max_abs_diff
@@ -276,21 +276,8 @@ CASES = [
 
 
 def make_batches(manifest, case: Case, seed: int, steps: int = STEPS) -> list[Batch]:
-    """Random batches for ``manifest``; random weights, the last one 0 (padding)."""
-    rng = np.random.default_rng(seed)
-    batches = []
-    for _ in range(steps):
-        x = case.make_x(rng, manifest.input.shape).astype(np.float32)
-        if manifest.task == "multiclass":
-            y = rng.integers(0, manifest.num_classes, manifest.label.shape).astype(np.int32)
-        elif manifest.task == "binary":
-            y = rng.integers(0, 2, manifest.label.shape).astype(np.float32)
-        else:
-            y = rng.normal(size=manifest.label.shape).astype(np.float32)
-        w = rng.uniform(0.2, 2.0, manifest.batch_size).astype(np.float32)
-        w[-1] = 0.0
-        batches.append(Batch(x, y, w))
-    return batches
+    """Random batches for ``manifest`` with the case's inputs; random weights, the last one 0 (padding)."""
+    return random_batches(manifest, steps, seed, make_x=case.make_x, weight_range=(0.2, 2.0))
 
 
 def run_litert(runtime: TrainableModel, batches: list[Batch], lr: float, mu: float = 0.0):
