@@ -20,3 +20,19 @@ class ModelFileError(EdgeClientError):
 
 class WeightsError(EdgeClientError):
     """Weights do not match the model (names, shapes, dtypes or values)."""
+
+
+class ProtocolError(EdgeClientError):
+    """A message from the wire is malformed or does not fit the federation.
+
+    ``reason`` is a short stable code (``bad_magic``, ``bad_checksum``, ...)
+    that services count and log; the message says what was wrong.
+    """
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+class DataError(EdgeClientError):
+    """Local training data cannot be read or does not fit the model."""

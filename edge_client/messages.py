@@ -1,0 +1,152 @@
+"""The small JSON control messages of the protocol.
+
+Each class parses untrusted JSON with :meth:`from_bytes`, raising
+:class:`ProtocolError` for anything malformed, and serializes with
+:meth:`to_bytes`. Weights never travel here: see :mod:`edge_client.frames`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from edge_client.errors import ProtocolError
+from edge_client.topics import check_name
+
+MAX_JSON_BYTES = 1 << 20
+
+
+def _load(data: bytes, what: str) -> dict[str, Any]:
+    if len(data) > MAX_JSON_BYTES:
+        raise ProtocolError("too_large", f"{what} of {len(data)} bytes exceeds {MAX_JSON_BYTES}")
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError("bad_json", f"{what} is not UTF-8 JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_json", f"{what} is not a JSON object")
+    return obj
+
+
+def _dump(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _get(obj: dict, key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    value = obj.get(key)
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise ProtocolError("bad_json", f"{what}: field {key!r} must be {'/'.join(k.__name__ for k in kinds)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ProtocolError("bad_json", f"{what}: field {key!r} must be finite")
+    return value
+
+
+@dataclass(frozen=True)
+class RoundAnnouncement:
+    """What the coordinator asks of the selected clients for one round."""
+
+    round: int
+    selected: tuple[str, ...]
+    deadline: float  # Unix time (seconds) by which updates must have arrived
+    model_sha256: str
+    epochs: int = 1
+    lr: float = 0.01
+    mu: float = 0.0
+    codec: str = "float32"
+
+    def to_bytes(self) -> bytes:
+        return _dump({**asdict(self), "selected": list(self.selected)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RoundAnnouncement:
+        obj, what = _load(data, "round announcement"), "round announcement"
+        selected = _get(obj, "selected", list, what)
+        try:
+            selected = tuple(check_name("client id", c) for c in selected)
+        except ValueError as exc:
+            raise ProtocolError("bad_json", f"{what}: {exc}") from None
+        msg = cls(
+            round=_get(obj, "round", int, what),
+            selected=selected,
+            deadline=float(_get(obj, "deadline", (int, float), what)),
+            model_sha256=_get(obj, "model_sha256", str, what),
+            epochs=_get(obj, "epochs", int, what),
+            lr=float(_get(obj, "lr", (int, float), what)),
+            mu=float(_get(obj, "mu", (int, float), what)),
+            codec=_get(obj, "codec", str, what),
+        )
+        if msg.round < 0 or msg.epochs < 1 or msg.lr <= 0 or msg.mu < 0:
+            raise ProtocolError("bad_json", f"{what}: round >= 0, epochs >= 1, lr > 0 and mu >= 0 are required")
+        return msg
+
+
+ACK_STATUSES = ("accepted", "duplicate", "rejected")
+
+
+@dataclass(frozen=True)
+class Ack:
+    """The coordinator's answer to one update."""
+
+    round: int
+    status: str
+    reason: str = ""
+
+    def to_bytes(self) -> bytes:
+        return _dump(asdict(self))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Ack:
+        obj, what = _load(data, "ack"), "ack"
+        msg = cls(_get(obj, "round", int, what), _get(obj, "status", str, what), _get(obj, "reason", str, what))
+        if msg.status not in ACK_STATUSES:
+            raise ProtocolError("bad_json", f"ack status {msg.status!r} is not one of {ACK_STATUSES}")
+        return msg
+
+
+@dataclass(frozen=True)
+class Presence:
+    """A client's retained online/offline state (offline is also its Last Will)."""
+
+    status: str
+    num_examples: int = 0
+    version: str = ""
+
+    def to_bytes(self) -> bytes:
+        return _dump(asdict(self))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Presence:
+        obj, what = _load(data, "presence"), "presence"
+        msg = cls(_get(obj, "status", str, what), _get(obj, "num_examples", int, what), _get(obj, "version", str, what))
+        if msg.status not in ("online", "offline") or msg.num_examples < 0:
+            raise ProtocolError("bad_json", f"presence status {msg.status!r} / num_examples {msg.num_examples}")
+        return msg
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """Retained description of the model graph published in chunks."""
+
+    model_sha256: str
+    size: int
+    chunks: int
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return _dump(asdict(self))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ModelMeta:
+        obj, what = _load(data, "model meta"), "model meta"
+        msg = cls(
+            _get(obj, "model_sha256", str, what),
+            _get(obj, "size", int, what),
+            _get(obj, "chunks", int, what),
+            _get(obj, "manifest", dict, what),
+        )
+        if msg.size < 1 or msg.chunks < 1:
+            raise ProtocolError("bad_json", f"{what}: size and chunks must be positive")
+        return msg
