@@ -43,7 +43,7 @@ class _RawCodec:
 
     def encode(self, array: np.ndarray) -> tuple[bytes, dict[str, Any]]:
         limit = np.finfo(self._wire).max
-        if array.size and np.nanmax(np.abs(array)) > limit:
+        if self._wire.itemsize < 4 and np.any(np.abs(array) > limit):
             # Casting would silently turn these into inf and the receiver would
             # reject the whole update; say so at the source instead.
             raise ProtocolError("out_of_range", f"values beyond ±{limit:g} do not fit {self.name}; use float32")

@@ -36,3 +36,45 @@ class ProtocolError(EdgeClientError):
 
 class DataError(EdgeClientError):
     """Local training data cannot be read or does not fit the model."""
+
+
+class TransportError(EdgeClientError):
+    """Messages cannot be exchanged with the MQTT broker."""
+
+
+class BrokerUrlError(TransportError, ValueError):
+    """A broker URL (``mqtt://user:pass@host:1883``, ``mqtts://host``) or its TLS files are invalid.
+
+    Also a :class:`ValueError`, so ``argparse`` reports it as a bad option value.
+    """
+
+
+class BrokerUnavailable(TransportError):
+    """The broker cannot be reached, or it refused the connection."""
+
+
+class BrokerAuthError(BrokerUnavailable):
+    """The broker refused the credentials or certificate; retrying will not help."""
+
+
+class PublishFailed(TransportError):
+    """A message was not acknowledged by the broker; the caller may resend it."""
+
+
+class PayloadTooLarge(TransportError):
+    """A payload exceeds the transport's ``max_payload``; split it into chunks first."""
+
+
+class SubscribeFailed(TransportError):
+    """The broker refused a subscription or did not acknowledge it in time."""
+
+
+class ConfigError(EdgeClientError):
+    """The edge client's configuration (TOML file or command-line flags) is invalid.
+
+    The message names the field and says what is allowed.
+    """
+
+
+class StateError(EdgeClientError):
+    """The client's state directory cannot be created or written."""

@@ -1,0 +1,346 @@
+"""The coordinator service: publishes the model and runs federated rounds.
+
+One round: wait until ``strategy.min_available`` clients are online, let the
+strategy pick clients and hyper-parameters, publish the global weights and
+the round announcement (both retained), then fold in updates as they arrive
+until every selected client answered or the deadline passed. With fewer
+than ``strategy.min_fit`` accepted updates the round is retried with more
+clients (accepted updates are kept). Then aggregate, evaluate, checkpoint,
+log the metrics and go on.
+
+The service knows MQTT only through a :class:`~edge_client.transport.Transport`,
+so tests drive it over an in-memory broker exactly as it runs over Mosquitto.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from coordinator.errors import AggregationError, CoordinatorError
+from coordinator.metrics import RoundMetrics, append_jsonl
+from coordinator.strategy import Aggregation, ClientUpdate, Strategy
+from edge_client.chunks import DEFAULT_MAX_CHUNK, Reassembler, split
+from edge_client.errors import ProtocolError
+from edge_client.frames import Frame, decode_frame, encode_frame, validate_frame
+from edge_client.manifest import Manifest, load_manifest, manifest_path_for
+from edge_client.messages import Ack, ModelMeta, Presence, RoundAnnouncement
+from edge_client.model_file import sha256_hex
+from edge_client.runtime import TrainableModel
+from edge_client.topics import Topics
+from edge_client.transport import Message, Transport
+from edge_client.weights import Weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Everything the coordinator needs besides its transport and strategy."""
+
+    model_path: Path
+    rounds: int = 10
+    round_timeout: float = 120.0
+    federation: str = "default"
+    topic_prefix: str = "litefed"
+    checkpoint_dir: Path | None = None
+    metrics_path: Path | None = None
+    seed: int = 0
+    max_chunk: int = DEFAULT_MAX_CHUNK
+    max_attempts: int = 3
+    wait_for_clients: float | None = None
+    poll_interval: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.round_timeout <= 0 or self.max_attempts < 1:
+            raise CoordinatorError("rounds and max_attempts must be >= 1 and round_timeout > 0")
+
+
+@dataclass
+class _OpenRound:
+    number: int
+    selected: set[str]
+    deadline: float
+    aggregation: Aggregation
+    metrics: RoundMetrics
+    accepted: set[str] = field(default_factory=set)
+    weighted: dict[str, float] = field(default_factory=dict)  # sum of n * metric
+
+
+class Coordinator:
+    """Runs ``config.rounds`` rounds of ``strategy`` over ``transport``."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        transport: Transport,
+        strategy: Strategy,
+        clock: Callable[[], float] = time.time,
+        on_round: Callable[[RoundMetrics], None] | None = None,
+    ):
+        self.config, self.transport, self.strategy = config, transport, strategy
+        self._clock, self._on_round = clock, on_round
+        self.model = Path(config.model_path).read_bytes()
+        self.manifest: Manifest = load_manifest(manifest_path_for(config.model_path))
+        self.model_sha256 = sha256_hex(self.model)
+        self.topics = Topics(config.federation, config.topic_prefix)
+        self.online: set[str] = set()
+        self.history: list[RoundMetrics] = []
+        self.global_weights: Weights = TrainableModel(self.model, self.manifest).get_weights()
+        self.completed_round = 0
+        self._rng = np.random.default_rng(config.seed)
+        self._reassembler = Reassembler()
+        self._open: _OpenRound | None = None
+        self._published_chunks: dict[str, int] = {}
+        self._bytes_in = self._bytes_out = 0
+
+    # -- lifecycle ------------------------------------------------------------
+    def start(self) -> None:
+        """Connect, restore the last checkpoint and publish the model."""
+        self._restore()
+        self.transport.connect()
+        self.transport.subscribe(self.topics.presences)
+        self.transport.subscribe(self.topics.updates)
+        count = self._publish_chunked("model", self.topics.model_chunk, self.model)
+        meta = ModelMeta(self.model_sha256, len(self.model), count, self.manifest.to_json())
+        self._publish(self.topics.model_meta, meta.to_bytes(), retain=True)
+        log.info("published model %s (%d bytes, %d chunks)", self.model_sha256[:12], len(self.model), count)
+
+    def run(self, stop: threading.Event | None = None) -> list[RoundMetrics]:
+        """Run the remaining rounds; return the metrics of the rounds run now."""
+        stop = stop or threading.Event()
+        ran = []
+        for number in range(self.completed_round + 1, self.config.rounds + 1):
+            metrics = self.run_round(number, stop)
+            if metrics is None:  # stopped
+                break
+            ran.append(metrics)
+        else:
+            self._publish_global(self.config.rounds + 1)  # boards keep the final model
+        return ran
+
+    def close(self) -> None:
+        self.transport.close()
+
+    # -- one round ------------------------------------------------------------
+    def run_round(self, number: int, stop: threading.Event) -> RoundMetrics | None:
+        started = time.perf_counter()
+        bytes_in, bytes_out = self._bytes_in, self._bytes_out
+        metrics = RoundMetrics(round=number)
+        self._open = _OpenRound(
+            number, set(), 0.0, self.strategy.begin_aggregation(number, self.global_weights), metrics
+        )
+        self._publish_global(number)
+        for attempt in range(1, self.config.max_attempts + 1):
+            metrics.attempts = attempt
+            if not self._wait_for_clients(stop):
+                return None
+            self._announce(attempt)
+            if not self._collect(stop):
+                return None
+            if len(self._open.accepted) >= self.strategy.min_fit:
+                break
+            log.warning(
+                "round %d: %d of at least %d updates by the deadline; retrying with more clients",
+                number,
+                len(self._open.accepted),
+                self.strategy.min_fit,
+            )
+        else:
+            raise CoordinatorError(
+                f"round {number} got {len(self._open.accepted)} updates in {self.config.max_attempts} attempts, "
+                f"fewer than min_fit={self.strategy.min_fit}; check that enough clients are online and fast enough "
+                "for --round-timeout"
+            )
+        self._finish_round(started, bytes_in, bytes_out)
+        return metrics
+
+    def _announce(self, attempt: int) -> None:
+        open_ = self._open
+        available = sorted(self.online - open_.accepted)
+        chosen, round_config = self.strategy.configure_round(open_.number, available, self._rng)
+        open_.selected |= set(chosen)
+        open_.deadline = self._clock() + self.config.round_timeout
+        open_.metrics.clients_selected = len(open_.selected)
+        announcement = RoundAnnouncement(
+            open_.number,
+            tuple(sorted(open_.selected)),
+            open_.deadline,
+            self.model_sha256,
+            round_config.epochs,
+            round_config.lr,
+            round_config.mu,
+            round_config.codec,
+        )
+        self._publish(self.topics.round, announcement.to_bytes(), retain=True)
+        log.info(
+            "round %d (attempt %d): selected %d of %d online clients",
+            open_.number,
+            attempt,
+            len(chosen),
+            len(self.online),
+        )
+
+    def _collect(self, stop: threading.Event) -> bool:
+        """Handle messages until every selected client answered or the deadline passed."""
+        open_ = self._open
+        while not stop.is_set():
+            remaining = open_.deadline - self._clock()
+            if remaining <= 0 or open_.selected <= open_.accepted:
+                return True
+            self._poll(min(remaining, self.config.poll_interval))
+        return False
+
+    def _finish_round(self, started: float, bytes_in: int, bytes_out: int) -> None:
+        open_, metrics = self._open, self._open.metrics
+        t0 = time.perf_counter()
+        self.global_weights = open_.aggregation.finish()
+        metrics.aggregate_seconds = time.perf_counter() - t0
+        metrics.clients_answered = len(open_.accepted)
+        total = metrics.num_examples
+        if total:
+            metrics.train_loss = open_.weighted.get("loss", float("nan")) / total
+            metrics.train_accuracy = open_.weighted.get("accuracy", float("nan")) / total
+        t0 = time.perf_counter()
+        scores = self.strategy.evaluate(open_.number, self.global_weights) or {}
+        metrics.evaluate_seconds = time.perf_counter() - t0
+        metrics.test_loss, metrics.test_accuracy = scores.get("loss"), scores.get("accuracy")
+        self.completed_round = open_.number
+        self._open = None
+        if self.config.checkpoint_dir is not None:
+            save_checkpoint(
+                self.config.checkpoint_dir, Checkpoint(self.completed_round, self.model_sha256, self.global_weights)
+            )
+        metrics.round_seconds = time.perf_counter() - started
+        metrics.bytes_in, metrics.bytes_out = self._bytes_in - bytes_in, self._bytes_out - bytes_out
+        if self.config.metrics_path is not None:
+            append_jsonl(self.config.metrics_path, metrics.to_json())
+        self.history.append(metrics)
+        if self._on_round is not None:
+            self._on_round(metrics)
+
+    def _wait_for_clients(self, stop: threading.Event) -> bool:
+        """Wait until enough clients are online; False if stopped."""
+        need = self.strategy.min_available - len(self._open.accepted)
+        give_up = None if self.config.wait_for_clients is None else self._clock() + self.config.wait_for_clients
+        logged = False
+        while len(self.online - self._open.accepted) < need:
+            if stop.is_set():
+                return False
+            if give_up is not None and self._clock() > give_up:
+                raise CoordinatorError(
+                    f"only {len(self.online)} clients online after {self.config.wait_for_clients:.0f} s, "
+                    f"{self.strategy.min_available} needed; start more clients or lower --min-available"
+                )
+            if not logged:
+                log.info("waiting for clients: %d online, %d needed", len(self.online), self.strategy.min_available)
+                logged = True
+            self._poll(self.config.poll_interval)
+        return True
+
+    # -- messages -------------------------------------------------------------
+    def _poll(self, timeout: float) -> None:
+        message = self.transport.receive(timeout=max(timeout, 0.0))
+        if message is None:
+            return
+        self._bytes_in += len(message.payload)
+        client = self.topics.client_of(message.topic)
+        if client is None:
+            return
+        if message.topic == self.topics.presence(client):
+            self._on_presence(client, message)
+        else:
+            self._on_update_chunk(client, message)
+
+    def _on_presence(self, client: str, message: Message) -> None:
+        if not message.payload:  # retained presence cleared
+            self.online.discard(client)
+            return
+        try:
+            presence = Presence.from_bytes(message.payload)
+        except ProtocolError as exc:
+            log.warning("presence from %s rejected: %s", client, exc)
+            return
+        if presence.status == "online":
+            self.online.add(client)
+        else:
+            self.online.discard(client)
+
+    def _on_update_chunk(self, client: str, message: Message) -> None:
+        try:
+            payload = self._reassembler.add(message.payload, source=message.topic)
+            if payload is None:
+                return
+            frame = decode_frame(payload)
+            if frame.client_id != client:
+                raise ProtocolError(
+                    "client_mismatch", f"update on {client}'s topic claims to be from {frame.client_id!r}"
+                )
+            self._accept(client, frame)
+        except (ProtocolError, AggregationError) as exc:
+            reason = getattr(exc, "reason", "bad_tensors")
+            log.warning("update from %s rejected: %s", client, exc)
+            if self._open is not None:
+                self._open.metrics.reject(reason)
+                if reason == "stale_round":
+                    self._open.metrics.late_updates += 1
+            self._ack(client, Ack(self._open.number if self._open else self.completed_round, "rejected", reason))
+
+    def _accept(self, client: str, frame: Frame) -> None:
+        open_ = self._open
+        if open_ is None:
+            raise ProtocolError("stale_round", f"no round is open (last completed: {self.completed_round})")
+        validate_frame(frame, self.manifest.weights, self.model_sha256, "update", current_round=open_.number)
+        if client in open_.accepted:
+            self._ack(client, Ack(open_.number, "duplicate"))
+            return
+        if client not in open_.selected:
+            raise ProtocolError("not_selected", f"{client} was not selected for round {open_.number}")
+        open_.aggregation.add(ClientUpdate(client, frame.tensors, frame.num_examples, dict(frame.metrics)))
+        open_.accepted.add(client)
+        open_.metrics.num_examples += frame.num_examples
+        for key in ("loss", "accuracy"):
+            if key in frame.metrics:
+                open_.weighted[key] = open_.weighted.get(key, 0.0) + frame.num_examples * frame.metrics[key]
+        self._ack(client, Ack(open_.number, "accepted"))
+        log.info(
+            "round %d: update from %s accepted (%d/%d)", open_.number, client, len(open_.accepted), len(open_.selected)
+        )
+
+    # -- publishing -----------------------------------------------------------
+    def _ack(self, client: str, ack: Ack) -> None:
+        self._publish(self.topics.ack(client), ack.to_bytes())
+
+    def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.transport.publish(topic, payload, retain=retain)
+        self._bytes_out += len(payload)
+
+    def _publish_global(self, number: int) -> None:
+        frame = Frame("global", number, self.model_sha256, self.global_weights)
+        self._publish_chunked("global", self.topics.global_chunk, encode_frame(frame))
+
+    def _publish_chunked(self, family: str, topic_for: Callable[[int], str], payload: bytes) -> int:
+        """Publish ``payload`` as retained chunks; clear retained chunks left from a longer payload."""
+        chunks = split(payload, self.config.max_chunk)
+        for index, chunk in enumerate(chunks):
+            self._publish(topic_for(index), chunk, retain=True)
+        for index in range(len(chunks), self._published_chunks.get(family, 0)):
+            self._publish(topic_for(index), b"", retain=True)
+        self._published_chunks[family] = len(chunks)
+        return len(chunks)
+
+    def _restore(self) -> None:
+        if self.config.checkpoint_dir is None:
+            return
+        checkpoint = load_checkpoint(self.config.checkpoint_dir, self.model_sha256)
+        if checkpoint is None:
+            return
+        self.global_weights, self.completed_round = checkpoint.weights, checkpoint.completed_round
+        log.info("resuming after round %d from %s", self.completed_round, self.config.checkpoint_dir)

@@ -1,0 +1,128 @@
+"""Strategies: how a round is configured and how its updates become a new model.
+
+A strategy is a small object with three hooks, shared by the MQTT
+coordinator and (later) the in-process simulator, so the same strategy
+gives the same result whichever way the updates arrived:
+
+- :meth:`Strategy.configure_round` picks the clients and the round's
+  hyper-parameters;
+- :meth:`Strategy.begin_aggregation` returns an :class:`Aggregation` that
+  folds in updates one at a time (memory O(model), not O(clients x model))
+  and finally yields the new global weights;
+- :meth:`Strategy.evaluate` optionally scores the global weights.
+
+Clients send deltas (``local - global``); strategies aggregate deltas.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from coordinator.aggregate import StreamingAverage, apply_delta
+from coordinator.errors import CoordinatorError
+from edge_client.weights import Weights
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """What the selected clients are asked to do in one round."""
+
+    epochs: int = 1
+    lr: float = 0.01
+    mu: float = 0.0
+    codec: str = "float32"
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One accepted update: the client's delta, its example count and train metrics."""
+
+    client_id: str
+    delta: Weights
+    num_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+class Aggregation(Protocol):
+    """Folds in the accepted updates of one round."""
+
+    def add(self, update: ClientUpdate) -> None: ...
+
+    @property
+    def count(self) -> int: ...
+
+    def finish(self) -> Weights: ...
+
+
+class Strategy(Protocol):
+    min_fit: int
+    min_available: int
+
+    def configure_round(
+        self, server_round: int, available: Sequence[str], rng: np.random.Generator
+    ) -> tuple[list[str], RoundConfig]: ...
+
+    def begin_aggregation(self, server_round: int, global_weights: Weights) -> Aggregation: ...
+
+    def evaluate(self, server_round: int, weights: Weights) -> dict[str, float] | None: ...
+
+
+class _FedAvgAggregation:
+    def __init__(self, global_weights: Weights, server_lr: float):
+        self._global, self._server_lr = global_weights, server_lr
+        self._average = StreamingAverage()
+
+    def add(self, update: ClientUpdate) -> None:
+        self._average.add(update.delta, update.num_examples)
+
+    @property
+    def count(self) -> int:
+        return self._average.count
+
+    def finish(self) -> Weights:
+        if self._average.count == 0:
+            raise CoordinatorError("no accepted update to aggregate")
+        return apply_delta(self._global, self._average.result(), self._server_lr)
+
+
+class FedAvg:
+    """Weighted FedAvg (McMahan et al. 2017) over client deltas.
+
+    ``fraction_fit`` of the available clients are sampled each round (at
+    least ``min_fit``); the new global model is ``global + server_lr *
+    sum(n_k * delta_k) / sum(n_k)``. ``server_lr = 1`` is plain FedAvg.
+    """
+
+    def __init__(
+        self,
+        fraction_fit: float = 1.0,
+        min_fit: int = 1,
+        min_available: int = 1,
+        round_config: RoundConfig = RoundConfig(),
+        server_lr: float = 1.0,
+        evaluate_fn: Callable[[Weights], dict[str, float]] | None = None,
+    ):
+        if not 0 < fraction_fit <= 1:
+            raise CoordinatorError(f"fraction_fit must be in (0, 1], got {fraction_fit}")
+        if not 1 <= min_fit <= min_available:
+            raise CoordinatorError(f"need 1 <= min_fit ({min_fit}) <= min_available ({min_available})")
+        self.fraction_fit, self.min_fit, self.min_available = fraction_fit, min_fit, min_available
+        self.round_config, self.server_lr, self._evaluate_fn = round_config, server_lr, evaluate_fn
+
+    def configure_round(
+        self, server_round: int, available: Sequence[str], rng: np.random.Generator
+    ) -> tuple[list[str], RoundConfig]:
+        count = min(len(available), max(self.min_fit, math.ceil(self.fraction_fit * len(available))))
+        chosen = rng.choice(sorted(available), size=count, replace=False)
+        return sorted(str(c) for c in chosen), self.round_config
+
+    def begin_aggregation(self, server_round: int, global_weights: Weights) -> Aggregation:
+        return _FedAvgAggregation(global_weights, self.server_lr)
+
+    def evaluate(self, server_round: int, weights: Weights) -> dict[str, float] | None:
+        return None if self._evaluate_fn is None else self._evaluate_fn(weights)

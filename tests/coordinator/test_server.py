@@ -1,0 +1,319 @@
+"""The coordinator service over the in-memory broker, with scripted clients.
+
+The fake clients send hand-made deltas, so every new global model can be
+checked exactly against a NumPy FedAvg reference.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.checkpoint import load_checkpoint
+from coordinator.errors import CoordinatorError
+from coordinator.metrics import read_jsonl
+from coordinator.server import Coordinator, CoordinatorConfig
+from coordinator.strategy import FedAvg, RoundConfig
+from edge_client.chunks import Reassembler, split
+from edge_client.frames import Frame, decode_frame, encode_frame
+from edge_client.messages import Ack, ModelMeta, Presence, RoundAnnouncement
+from edge_client.model_file import sha256_hex
+from edge_client.topics import Topics
+from edge_client.transport import InMemoryBroker, InMemoryTransport, Message
+from edge_client.weights import NamedArray
+
+TOPICS = Topics("test")
+SMALL_CHUNK = 2048  # forces multi-chunk transfers even for the small tabular model
+
+
+class FakeClient:
+    """Speaks the protocol by hand: presence, then updates with chosen deltas."""
+
+    def __init__(self, broker: InMemoryBroker, client_id: str):
+        self.id = client_id
+        will = Message(TOPICS.presence(client_id), Presence("offline").to_bytes(), retain=True)
+        self.transport = InMemoryTransport(broker, client_id, will=will)
+        self.transport.connect()
+        for pattern in (TOPICS.round, TOPICS.ack(client_id), TOPICS.global_chunks):
+            self.transport.subscribe(pattern)
+        self.transport.publish(TOPICS.presence(client_id), Presence("online", 10).to_bytes(), retain=True)
+        self.acks: list[Ack] = []
+        self.rounds: list[RoundAnnouncement] = []
+        self.globals: dict[int, Frame] = {}
+        self._reassembler = Reassembler()
+
+    def pump(self, seconds: float = 0.05) -> None:
+        end = time.monotonic() + seconds
+        while (message := self.transport.receive(timeout=max(0.0, end - time.monotonic()))) is not None:
+            if message.topic == TOPICS.round:
+                self.rounds.append(RoundAnnouncement.from_bytes(message.payload))
+            elif message.topic == TOPICS.ack(self.id):
+                self.acks.append(Ack.from_bytes(message.payload))
+            elif message.payload and (payload := self._reassembler.add(message.payload, "global")) is not None:
+                frame = decode_frame(payload)
+                self.globals[frame.round] = frame
+
+    def wait_for(self, condition, timeout: float = 10.0) -> None:
+        end = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < end, f"{self.id}: condition not met within {timeout} s"
+            self.pump()
+
+    def send(self, frame: Frame | bytes) -> None:
+        payload = frame if isinstance(frame, bytes) else encode_frame(frame)
+        for chunk in split(payload, SMALL_CHUNK):
+            self.transport.publish(TOPICS.update(self.id), chunk)
+
+
+@pytest.fixture()
+def model_path(tabular) -> Path:
+    return tabular.model_path
+
+
+def _specs(tabular):
+    return tabular.manifest.weights
+
+
+def _delta(tabular, seed: int, scale: float = 0.01) -> list[NamedArray]:
+    rng = np.random.default_rng(seed)
+    return [NamedArray(s.name, (rng.normal(size=s.shape) * scale).astype(np.float32)) for s in _specs(tabular)]
+
+
+def _update(tabular, client: str, round_: int, delta, n: int, **changes) -> Frame:
+    fields = dict(
+        kind="update",
+        round=round_,
+        model_sha256=sha256_hex(tabular.tflite),
+        tensors=delta,
+        client_id=client,
+        num_examples=n,
+        metrics={"loss": 0.5, "accuracy": 0.75},
+    )
+    fields.update(changes)
+    return Frame(**fields)
+
+
+class Running:
+    """A coordinator running in a background thread."""
+
+    def __init__(self, coordinator: Coordinator):
+        self.coordinator, self.stop, self.error = coordinator, threading.Event(), None
+        coordinator.start()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self.coordinator.run(self.stop)
+        except Exception as exc:  # reported by join()
+            self.error = exc
+
+    def join(self, timeout: float = 20.0):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "coordinator did not finish in time"
+        return self.error
+
+
+def _coordinator(broker, model_path, tmp_path, strategy=None, **config) -> Coordinator:
+    cfg = CoordinatorConfig(
+        model_path=model_path,
+        federation="test",
+        checkpoint_dir=tmp_path / "ckpt",
+        metrics_path=tmp_path / "metrics.jsonl",
+        max_chunk=SMALL_CHUNK,
+        poll_interval=0.02,
+        **{"rounds": 1, "round_timeout": 5.0, **config},
+    )
+    strategy = strategy or FedAvg(min_fit=3, min_available=3, round_config=RoundConfig(epochs=2, lr=0.05))
+    return Coordinator(cfg, InMemoryTransport(broker, "coordinator"), strategy)
+
+
+def test_model_and_global_weights_are_retained_for_late_boards(tabular, model_path, tmp_path):
+    broker = InMemoryBroker()
+    coordinator = _coordinator(broker, model_path, tmp_path)
+    coordinator.start()
+    coordinator._publish_global(1)
+    late = InMemoryTransport(broker, "late-board")
+    late.connect()
+    for pattern in (TOPICS.model_meta, TOPICS.model_chunks, TOPICS.global_chunks):
+        late.subscribe(pattern)
+    received, reassembler, meta = {}, Reassembler(), None
+    while (message := late.receive(timeout=0.2)) is not None:
+        if message.topic == TOPICS.model_meta:
+            meta = ModelMeta.from_bytes(message.payload)
+        elif (payload := reassembler.add(message.payload, message.topic.split("/chunk/")[0])) is not None:
+            received[message.topic.split("/")[2]] = payload
+    assert meta is not None and meta.model_sha256 == sha256_hex(tabular.tflite) and meta.chunks > 1
+    assert received["model"] == tabular.tflite
+    frame = decode_frame(received["global"])
+    assert frame.kind == "global" and frame.round == 1
+    for got, initial in zip(frame.tensors, tabular.runtime().get_weights(), strict=True):
+        np.testing.assert_array_equal(got.array, initial.array)
+
+
+def test_a_round_is_weighted_fedavg_of_the_deltas(tabular, model_path, tmp_path):
+    broker = InMemoryBroker()
+    clients = [FakeClient(broker, f"pi-{i}") for i in range(3)]
+    running = Running(_coordinator(broker, model_path, tmp_path))
+    initial = running.coordinator.global_weights
+    counts = [10, 30, 60]
+    deltas = [_delta(tabular, seed) for seed in range(3)]
+    for client in clients:
+        client.wait_for(lambda c=client: c.rounds and c.globals.get(1))
+        assert client.rounds[-1].selected == ("pi-0", "pi-1", "pi-2")
+        assert (client.rounds[-1].epochs, client.rounds[-1].lr) == (2, 0.05)
+    for client, delta, n in zip(clients, deltas, counts, strict=True):
+        client.send(_update(tabular, client.id, 1, delta, n))
+    assert running.join() is None
+    for client in clients:
+        client.wait_for(lambda c=client: c.acks)
+        assert client.acks == [Ack(1, "accepted")]
+    expected = [
+        i.array + sum(n * d[k].array.astype(np.float64) for d, n in zip(deltas, counts, strict=True)) / sum(counts)
+        for k, i in enumerate(initial)
+    ]
+    got = running.coordinator.global_weights
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g.array, e, rtol=1e-6, atol=1e-7)
+    (line,) = read_jsonl(tmp_path / "metrics.jsonl")
+    assert line["round"] == 1 and line["clients_selected"] == 3 and line["clients_answered"] == 3
+    assert line["num_examples"] == 100 and line["train_loss"] == pytest.approx(0.5)
+    assert line["bytes_in"] > sum(len(encode_frame(_update(tabular, "x", 1, d, 1))) for d in deltas) * 0.9
+    assert line["bytes_out"] > 0 and line["clients_rejected"] == 0
+    checkpoint = load_checkpoint(tmp_path / "ckpt", sha256_hex(tabular.tflite))
+    assert checkpoint.completed_round == 1
+    for c, g in zip(checkpoint.weights, got, strict=True):
+        np.testing.assert_array_equal(c.array, g.array)
+    # The final global model stays retained for boards that connect later.
+    clients[0].wait_for(lambda: 2 in clients[0].globals)
+
+
+BAD_UPDATES = {
+    "unknown_model": lambda t, d: encode_frame(_update(t, "pi-0", 1, d, 5, model_sha256="0" * 64)),
+    "stale_round": lambda t, d: encode_frame(_update(t, "pi-0", 0, d, 5)),
+    "bad_tensors": lambda t, d: encode_frame(
+        _update(t, "pi-0", 1, [d[0]._replace(array=d[0].array * np.nan), *d[1:]], 5)
+    ),
+    "client_mismatch": lambda t, d: encode_frame(_update(t, "pi-9", 1, d, 5)),
+    "bad_magic": lambda t, d: b"garbage" * 20,
+    "bad_checksum": lambda t, d: encode_frame(_update(t, "pi-0", 1, d, 5))[:-1] + b"\x00",
+}
+
+
+def test_bad_updates_are_rejected_with_reasons_and_do_not_touch_the_model(tabular, model_path, tmp_path):
+    broker = InMemoryBroker()
+    good, bad = FakeClient(broker, "pi-1"), FakeClient(broker, "pi-0")
+    strategy = FedAvg(min_fit=2, min_available=2)
+    running = Running(_coordinator(broker, model_path, tmp_path, strategy, round_timeout=1.0, max_attempts=1))
+    initial = running.coordinator.global_weights
+    good.wait_for(lambda: good.rounds)
+    delta = _delta(tabular, 7)
+    for make in BAD_UPDATES.values():
+        bad.send(make(tabular, delta))
+    bad.wait_for(lambda: len(bad.acks) >= len(BAD_UPDATES))
+    good.send(_update(tabular, "pi-1", 1, delta, 5))
+    error = running.join()
+    # Only one of the two selected clients sent a valid update: min_fit=2 is not reached.
+    assert isinstance(error, CoordinatorError) and "min_fit=2" in str(error)
+    reasons = {a.reason for a in bad.acks}
+    assert {"unknown_model", "stale_round", "bad_tensors", "client_mismatch", "bad_magic", "bad_checksum"} <= reasons
+    assert all(a.status == "rejected" for a in bad.acks)
+    for now, before in zip(running.coordinator.global_weights, initial, strict=True):
+        np.testing.assert_array_equal(now.array, before.array)
+
+
+def test_duplicates_are_acknowledged_once_and_counted_once(tabular, model_path, tmp_path):
+    broker = InMemoryBroker()
+    clients = [FakeClient(broker, f"pi-{i}") for i in range(2)]
+    running = Running(_coordinator(broker, model_path, tmp_path, FedAvg(min_fit=2, min_available=2)))
+    initial = running.coordinator.global_weights
+    for c in clients:
+        c.wait_for(lambda c=c: c.rounds)
+    d0, d1 = _delta(tabular, 1), _delta(tabular, 2)
+    broker.duplicate_next(3)  # QoS 1 duplicates of the first chunks
+    clients[0].send(_update(tabular, "pi-0", 1, d0, 10))
+    clients[0].wait_for(lambda: clients[0].acks)
+    clients[0].send(_update(tabular, "pi-0", 1, d0, 10))  # a resend after a lost ack
+    clients[0].wait_for(lambda: any(a.status == "duplicate" for a in clients[0].acks))
+    clients[1].send(_update(tabular, "pi-1", 1, d1, 30))
+    assert running.join() is None
+    assert {a.status for a in clients[0].acks} == {"accepted", "duplicate"}
+    # The exact aggregate below proves the update was counted once.
+    for k, got in enumerate(running.coordinator.global_weights):
+        expected = initial[k].array + (10 * d0[k].array.astype(np.float64) + 30 * d1[k].array) / 40
+        np.testing.assert_allclose(got.array, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_a_silent_client_does_not_stall_the_round(tabular, model_path, tmp_path):
+    broker = InMemoryBroker()
+    clients = [FakeClient(broker, f"pi-{i}") for i in range(3)]
+    running = Running(_coordinator(broker, model_path, tmp_path, FedAvg(min_fit=2, min_available=3), round_timeout=1.0))
+    for c in clients:
+        c.wait_for(lambda c=c: c.rounds)
+    clients[2].transport.drop()  # loses power mid-round: no update ever comes
+    for c in clients[:2]:
+        c.send(_update(tabular, c.id, 1, _delta(tabular, 3), 10))
+    started = time.monotonic()
+    assert running.join() is None
+    assert time.monotonic() - started < 10
+    metrics = running.coordinator.history[0]
+    assert (metrics.clients_selected, metrics.clients_answered) == (3, 2)
+    assert "pi-2" not in running.coordinator.online  # its Last Will marked it offline
+
+
+def test_too_few_updates_retries_with_more_clients(tabular, model_path, tmp_path):
+    broker = InMemoryBroker()
+    first, lost = FakeClient(broker, "pi-0"), FakeClient(broker, "pi-1")
+    strategy = FedAvg(min_fit=2, min_available=2)
+    running = Running(_coordinator(broker, model_path, tmp_path, strategy, round_timeout=0.8))
+    first.wait_for(lambda: first.rounds)
+    lost.transport.drop()  # selected, then loses power: attempt 1 ends with one update
+    first.send(_update(tabular, "pi-0", 1, _delta(tabular, 4), 10))
+    first.wait_for(lambda: first.acks)
+    fresh = FakeClient(broker, "pi-2")  # comes online during attempt 1
+    fresh.wait_for(lambda: fresh.rounds and "pi-2" in fresh.rounds[-1].selected)
+    fresh.send(_update(tabular, "pi-2", 1, _delta(tabular, 5), 10))
+    assert running.join() is None
+    metrics = running.coordinator.history[0]
+    assert metrics.attempts == 2 and metrics.clients_answered == 2
+    assert set(fresh.rounds[-1].selected) == {"pi-0", "pi-1", "pi-2"}
+    assert first.acks == [Ack(1, "accepted")]  # its update was kept, not asked for again
+
+
+def test_restart_resumes_from_the_checkpoint(tabular, model_path, tmp_path):
+    broker = InMemoryBroker()
+    client = FakeClient(broker, "pi-0")
+    strategy = FedAvg(min_fit=1, min_available=1)
+    running = Running(_coordinator(broker, model_path, tmp_path, strategy, rounds=2))
+    client.wait_for(lambda: client.rounds)
+    client.send(_update(tabular, "pi-0", 1, _delta(tabular, 6), 10))
+    client.wait_for(lambda: client.acks)
+    client.wait_for(lambda: client.rounds[-1].round == 2)
+    running.stop.set()  # the coordinator "crashes" during round 2
+    assert running.join() is None
+    after_round_1 = running.coordinator.global_weights
+    running.coordinator.close()
+
+    restarted = _coordinator(InMemoryBroker(), model_path, tmp_path, strategy, rounds=2)
+    restarted._restore()
+    assert restarted.completed_round == 1
+    for a, b in zip(restarted.global_weights, after_round_1, strict=True):
+        np.testing.assert_array_equal(a.array, b.array)
+
+
+def test_stop_while_waiting_for_clients(model_path, tmp_path):
+    running = Running(_coordinator(InMemoryBroker(), model_path, tmp_path))
+    time.sleep(0.1)
+    running.stop.set()
+    assert running.join(5) is None
+    assert running.coordinator.history == []
+
+
+def test_waiting_too_long_for_clients_is_a_clear_error(model_path, tmp_path):
+    running = Running(_coordinator(InMemoryBroker(), model_path, tmp_path, wait_for_clients=0.2))
+    error = running.join(5)
+    assert isinstance(error, CoordinatorError) and "lower --min-available" in str(error)
