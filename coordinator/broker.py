@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -51,6 +53,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def _log_says_running(log_file: Path) -> bool:
+    try:
+        return " running" in log_file.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return False
+
+
 def _accepts_tcp(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
@@ -64,7 +73,8 @@ class EmbeddedBroker:
 
     ``kind="auto"`` uses mosquitto when its binary is installed, else amqtt.
     ``port=0`` picks a free port. ``allow_anonymous=False`` makes a broker that
-    refuses every client, to exercise the refusal path. Use as a context
+    refuses clients without credentials (mosquitto, having no password file,
+    then refuses every client), to exercise the refusal path. Use as a context
     manager, or call :meth:`start` and :meth:`stop`.
     """
 
@@ -183,7 +193,9 @@ class EmbeddedBroker:
                 if "in use" in tail:
                     raise _PortTaken
                 raise EmbeddedBrokerError(f"mosquitto exited at start (code {code}); its log ends with:\n{tail}")
-            if _accepts_tcp(self.host, port):
+            # "running" is logged once every listener is bound. Probing the port instead could
+            # reach another server that holds it while mosquitto fails to bind.
+            if _log_says_running(log_file) and _accepts_tcp(self.host, port):
                 return
             time.sleep(0.02)
         raise EmbeddedBrokerError(
@@ -234,7 +246,8 @@ class EmbeddedBroker:
             error, self._amqtt_error = self._amqtt_error, None
             self._thread.join(timeout)
             self._thread = None
-            if isinstance(error.__cause__, OSError) or "in use" in str(error):
+            cause = error.__cause__
+            if (isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE) or "in use" in str(error):
                 raise _PortTaken from error
             raise EmbeddedBrokerError(f"amqtt failed to start on {self.host}:{port}: {error}") from error
 
@@ -282,6 +295,10 @@ class EmbeddedBroker:
         self._loop = self._stop_event = None
 
 
+def _is_root() -> bool:
+    return getattr(os, "geteuid", lambda: -1)() == 0
+
+
 class _PortTaken(Exception):
     """The broker could not bind its port (someone took it after we chose it)."""
 
@@ -298,6 +315,9 @@ def _mosquitto_config(host: str, port: int, log_file: Path, allow_anonymous: boo
             # clients' own receive queue.
             f"max_queued_messages {DEFAULT_QUEUE_SIZE}",
             "set_tcp_nodelay true",
+            # Started as root, mosquitto would switch to user "mosquitto", which cannot write its
+            # log into our private temp dir; an embedded broker runs as whoever started it.
+            *(["user root"] if _is_root() else []),
             f"log_dest file {log_file}",
             "log_type error",
             "log_type warning",

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_client.data import load_npz, prepare_for_model
+from edge_client.manifest import Manifest
+
 BUNDLED = "mnist_small.npz"
 
 
@@ -51,3 +54,25 @@ def load_mnist(path: str | Path) -> Dataset:
 def to_model_input(images: np.ndarray) -> np.ndarray:
     """uint8 ``[N, 28, 28]`` -> float32 ``[N, 28, 28, 1]`` in [0, 1]."""
     return (np.asarray(images, np.float32) / 255.0)[..., None]
+
+
+def load_test_set(spec: str, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    """A held-out set for server-side evaluation, shaped for ``manifest``.
+
+    ``spec`` is ``mnist-small`` (the bundled test split), or an ``.npz`` file
+    with ``x``/``y`` or ``x_test``/``y_test`` arrays. uint8 inputs are
+    scaled to [0, 1], as the training data of the bundled models is.
+    """
+    if spec == "mnist-small":
+        data = load_bundled_mnist()
+        x, y = data.x_test, data.y_test
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"test set {spec!r}: no such file (use mnist-small or an .npz path)")
+        with np.load(path, allow_pickle=False) as archive:
+            keys = ("x_test", "y_test") if "x_test" in archive.files else ("x", "y")
+            x, y = load_npz(path, *keys)
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / 255.0
+    return prepare_for_model(x, y, manifest)

@@ -86,12 +86,12 @@ class Coordinator:
         on_round: Callable[[RoundMetrics], None] | None = None,
     ):
         self.config, self.transport, self.strategy = config, transport, strategy
-        self._clock, self._on_round = clock, on_round
+        self._clock, self.on_round = clock, on_round
         self.model = Path(config.model_path).read_bytes()
         self.manifest: Manifest = load_manifest(manifest_path_for(config.model_path))
         self.model_sha256 = sha256_hex(self.model)
         self.topics = Topics(config.federation, config.topic_prefix)
-        self.online: set[str] = set()
+        self.online: dict[str, int] = {}  # client id -> examples it reported
         self.history: list[RoundMetrics] = []
         self.global_weights: Weights = TrainableModel(self.model, self.manifest).get_weights()
         self.completed_round = 0
@@ -164,7 +164,7 @@ class Coordinator:
 
     def _announce(self, attempt: int) -> None:
         open_ = self._open
-        available = sorted(self.online - open_.accepted)
+        available = sorted(c for c in self._eligible() if c not in open_.accepted)
         chosen, round_config = self.strategy.configure_round(open_.number, available, self._rng)
         open_.selected |= set(chosen)
         open_.deadline = self._clock() + self.config.round_timeout
@@ -223,15 +223,15 @@ class Coordinator:
         if self.config.metrics_path is not None:
             append_jsonl(self.config.metrics_path, metrics.to_json())
         self.history.append(metrics)
-        if self._on_round is not None:
-            self._on_round(metrics)
+        if self.on_round is not None:
+            self.on_round(metrics)
 
     def _wait_for_clients(self, stop: threading.Event) -> bool:
         """Wait until enough clients are online; False if stopped."""
         need = self.strategy.min_available - len(self._open.accepted)
         give_up = None if self.config.wait_for_clients is None else self._clock() + self.config.wait_for_clients
         logged = False
-        while len(self.online - self._open.accepted) < need:
+        while len(self._eligible() - self._open.accepted) < need:
             if stop.is_set():
                 return False
             if give_up is not None and self._clock() > give_up:
@@ -261,7 +261,7 @@ class Coordinator:
 
     def _on_presence(self, client: str, message: Message) -> None:
         if not message.payload:  # retained presence cleared
-            self.online.discard(client)
+            self.online.pop(client, None)
             return
         try:
             presence = Presence.from_bytes(message.payload)
@@ -269,11 +269,16 @@ class Coordinator:
             log.warning("presence from %s rejected: %s", client, exc)
             return
         if presence.status == "online":
-            self.online.add(client)
+            self.online[client] = presence.num_examples
         else:
-            self.online.discard(client)
+            self.online.pop(client, None)
+
+    def _eligible(self) -> set[str]:
+        """Online clients that can train: a client without usable data would only stall a round."""
+        return {client for client, examples in self.online.items() if examples > 0}
 
     def _on_update_chunk(self, client: str, message: Message) -> None:
+        frame = None
         try:
             payload = self._reassembler.add(message.payload, source=message.topic)
             if payload is None:
@@ -291,7 +296,9 @@ class Coordinator:
                 self._open.metrics.reject(reason)
                 if reason == "stale_round":
                     self._open.metrics.late_updates += 1
-            self._ack(client, Ack(self._open.number if self._open else self.completed_round, "rejected", reason))
+            # The ack names the update's round, so the client knows which update was refused.
+            current = self._open.number if self._open else self.completed_round
+            self._ack(client, Ack(frame.round if frame is not None else current, "rejected", reason))
 
     def _accept(self, client: str, frame: Frame) -> None:
         open_ = self._open

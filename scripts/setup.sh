@@ -2,7 +2,7 @@
 # The one set-up command.
 #
 #   scripts/setup.sh          install litefed with every runtime extra:  pip install -e '.[all]'
-#   scripts/setup.sh --dev    also the Mosquitto broker (for the tests) and the dev tools: '.[dev]'
+#   scripts/setup.sh --dev    also what the tests need: mosquitto and openssl (apt-get), and '.[dev]'
 #
 # Uses ${PYTHON:-python3}. Idempotent: re-running it only re-checks what is installed.
 set -euo pipefail
@@ -23,16 +23,24 @@ cd "$ROOT"
 PY="${PYTHON:-python3}"
 say() { echo "setup: $*"; }
 
-# --- (a) Mosquitto broker (tests only) --------------------------------------------------------
-install_mosquitto() {
-    if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then
-        say "mosquitto: present"
-        return 0
-    fi
-    local manual="install it by hand (Debian/Ubuntu: apt-get install mosquitto; macOS: brew install mosquitto);"
-    manual="$manual until then the tests fall back to the embedded amqtt broker"
+# --- (a) System tools the tests need: the Mosquitto broker and openssl (TLS test certificates) ---------
+have() {
+    case "$1" in
+        mosquitto) command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] ;;
+        *) command -v "$1" >/dev/null 2>&1 ;;
+    esac
+}
+
+install_test_tools() {
+    local missing=()
+    for tool in mosquitto openssl; do
+        if have "$tool"; then say "$tool: present"; else missing+=("$tool"); fi
+    done
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    local manual="install ${missing[*]} by hand (Debian/Ubuntu: apt-get install ${missing[*]}; macOS: brew install ${missing[*]});"
+    manual="$manual the integration tests fail without them"
     if ! command -v apt-get >/dev/null 2>&1; then
-        say "mosquitto: not found and there is no apt-get; $manual"
+        say "no apt-get; $manual"
         return 0
     fi
     local sudo=""
@@ -40,22 +48,22 @@ install_mosquitto() {
         if command -v sudo >/dev/null 2>&1; then
             sudo="sudo"
         else
-            say "mosquitto: not found, and installing needs root (no sudo); $manual"
+            say "installing ${missing[*]} needs root (no sudo); $manual"
             return 0
         fi
     fi
-    say "mosquitto: installing with apt-get"
+    say "installing ${missing[*]} with apt-get"
     if $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
-        && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mosquitto \
+        && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
             </dev/null >/dev/null; then
-        say "mosquitto: installed"
+        say "installed ${missing[*]}"
     else
-        say "mosquitto: apt-get failed; $manual"
+        say "apt-get failed; $manual"
     fi
 }
 
 if [ "$DEV" -eq 1 ]; then
-    install_mosquitto
+    install_test_tools
 fi
 
 # --- (b) Python package --------------------------------------------------------------------------

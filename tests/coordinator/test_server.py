@@ -222,6 +222,8 @@ def test_bad_updates_are_rejected_with_reasons_and_do_not_touch_the_model(tabula
     reasons = {a.reason for a in bad.acks}
     assert {"unknown_model", "stale_round", "bad_tensors", "client_mismatch", "bad_magic", "bad_checksum"} <= reasons
     assert all(a.status == "rejected" for a in bad.acks)
+    # An ack names the round of the update it answers (here the stale round 0).
+    assert [a.round for a in bad.acks if a.reason == "stale_round"] == [0]
     for now, before in zip(running.coordinator.global_weights, initial, strict=True):
         np.testing.assert_array_equal(now.array, before.array)
 
@@ -263,6 +265,18 @@ def test_a_silent_client_does_not_stall_the_round(tabular, model_path, tmp_path)
     metrics = running.coordinator.history[0]
     assert (metrics.clients_selected, metrics.clients_answered) == (3, 2)
     assert "pi-2" not in running.coordinator.online  # its Last Will marked it offline
+
+
+def test_clients_without_usable_data_are_not_selected(tabular, model_path, tmp_path):
+    broker = InMemoryBroker()
+    ready, empty = FakeClient(broker, "pi-0"), FakeClient(broker, "pi-1")
+    empty.transport.publish(TOPICS.presence("pi-1"), Presence("online", 0).to_bytes(), retain=True)
+    running = Running(_coordinator(broker, model_path, tmp_path, FedAvg(min_fit=1, min_available=1)))
+    ready.wait_for(lambda: ready.rounds)
+    assert ready.rounds[-1].selected == ("pi-0",)
+    ready.send(_update(tabular, "pi-0", 1, _delta(tabular, 8), 10))
+    assert running.join() is None
+    assert running.coordinator.history[0].clients_selected == 1
 
 
 def test_too_few_updates_retries_with_more_clients(tabular, model_path, tmp_path):

@@ -1,0 +1,120 @@
+"""``litefed-coordinator``: run federated rounds of a converted model over MQTT."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+DESCRIPTION = """\
+Publish a converted model (OUT.tflite + OUT.json from litefed-convert) to an
+MQTT broker and run federated rounds with the edge clients that come online:
+select clients, collect their updates until every one answered or the round
+deadline passed, aggregate them with weighted FedAvg, evaluate, checkpoint,
+and publish the new global model (retained, so boards that connect later get
+it too).
+"""
+
+EPILOG = """\
+examples:
+  litefed-coordinator --model build/mnist_cnn.tflite --broker mqtt://127.0.0.1:1883 \\
+      --rounds 20 --min-available 4 --test-data mnist-small --out runs/mnist
+  litefed-coordinator --model model.tflite --broker mqtts://user:pass@broker.example:8883 \\
+      --federation greenhouse --fraction-fit 0.1 --min-fit 10 --min-available 50 --round-timeout 600
+
+Ctrl+C once stops after the current poll and closes cleanly; a restarted
+coordinator resumes after the last completed round (checkpoint in --out).
+Press Ctrl+C twice to stop at once.
+"""
+
+
+def add_round_arguments(p: argparse.ArgumentParser, min_available: int | None = 2, min_fit: int | None = 2) -> None:
+    """Options shared by ``litefed-coordinator`` and ``litefed-emulate``."""
+    p.add_argument("--federation", default="default", help="federation name in the topic tree (default %(default)s)")
+    p.add_argument("--topic-prefix", default="litefed", help="topic prefix (default %(default)s)")
+    r = p.add_argument_group("rounds")
+    r.add_argument("--rounds", type=int, default=10, help="rounds to run in total (default %(default)s)")
+    r.add_argument("--min-available", type=int, default=min_available, help="clients online before a round starts")
+    r.add_argument("--min-fit", type=int, default=min_fit, help="updates needed to close a round")
+    r.add_argument("--fraction-fit", type=float, default=1.0, help="fraction of online clients selected (default 1.0)")
+    r.add_argument("--round-timeout", type=float, default=120.0, help="seconds clients get per round (default 120)")
+    r.add_argument("--max-attempts", type=int, default=3, help="tries per round before giving up (default 3)")
+    r.add_argument("--wait-for-clients", type=float, help="give up if not enough clients within this many seconds")
+    c = p.add_argument_group("client training")
+    c.add_argument("--epochs", type=int, default=1, help="local epochs per round (default %(default)s)")
+    c.add_argument("--lr", type=float, default=None, help="client learning rate (default: the manifest's)")
+    c.add_argument("--mu", type=float, default=0.0, help="FedProx proximal weight (default 0: FedAvg)")
+    c.add_argument("--codec", choices=("float32", "float16"), default="float32", help="update encoding")
+    p.add_argument("--server-lr", type=float, default=1.0, help="server learning rate on the averaged delta")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="litefed-coordinator",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, type=Path, help="converted model; its manifest is read from MODEL.json")
+    p.add_argument(
+        "--broker", default="mqtt://127.0.0.1:1883", help="broker URL (mqtt:// or mqtts://, default %(default)s)"
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/coordinator"), help="checkpoints and metrics.jsonl go here")
+    p.add_argument("--test-data", help="held-out set for evaluation after every round: mnist-small or an .npz file")
+    add_round_arguments(p)
+    return p
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def make_transport(url: str, client_id: str):
+    from edge_client.mqtt import MqttTransport
+
+    return MqttTransport(url, client_id)
+
+
+def install_signal_handlers(stop: threading.Event) -> None:
+    """First Ctrl+C/SIGTERM: set ``stop`` (graceful); a second Ctrl+C interrupts at once."""
+
+    def first(signum, frame):
+        logging.getLogger("litefed").warning("stopping (press Ctrl+C again to stop at once)")
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, first)
+    signal.signal(signal.SIGTERM, first)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    from coordinator.errors import CoordinatorError
+    from coordinator.runner import build_coordinator, run_with_progress
+    from edge_client.errors import EdgeClientError
+
+    stop = threading.Event()
+    install_signal_handlers(stop)
+    try:
+        coordinator = build_coordinator(args, make_transport)
+        run_with_progress(coordinator, stop, progress=not args.no_progress)
+    except (CoordinatorError, EdgeClientError, FileNotFoundError) as exc:
+        print(f"litefed-coordinator: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""``litefed-emulate``: a whole federation on one machine.
+
+Starts a broker (embedded Mosquitto, or amqtt when Mosquitto is missing),
+splits a dataset among N clients, starts N separate ``litefed-client``
+processes, each with its own partition, state directory and log, and runs
+the coordinator in this process. Writes ``OUT/metrics.jsonl``,
+``OUT/metrics.png`` and a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("litefed.emulate")
+
+EPILOG = """\
+examples:
+  litefed-emulate --clients 4 --rounds 5 --partition iid --out runs/demo
+  litefed-emulate --clients 10 --rounds 30 --partition dirichlet:0.3 --data ../shared/data/mnist.npz --out runs/noniid
+  litefed-emulate --model build/model.tflite --data train.npz --test-data test.npz --clients 3 --out runs/custom
+
+With no --model the built-in MNIST CNN is used (converted on first use and
+cached); with no --data, the MNIST subset bundled with litefed (6,000 training
+and 1,000 test images), so the default run needs no network.
+"""
+
+
+@dataclass
+class ClientProcess:
+    client_id: str
+    process: subprocess.Popen
+    log_path: Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from coordinator.cli import add_round_arguments
+    from coordinator.partition import parse_partition
+
+    p = argparse.ArgumentParser(
+        prog="litefed-emulate",
+        description=__doc__.split("\n\n")[1],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--clients", type=int, default=4, help="client processes to start (default %(default)s)")
+    p.add_argument("--partition", type=parse_partition, default="iid", help="iid, dirichlet:ALPHA or shards:K")
+    p.add_argument("--out", type=Path, default=Path("runs/emulation"), help="output directory (default %(default)s)")
+    p.add_argument("--model", type=Path, help="converted model (default: the built-in MNIST CNN)")
+    p.add_argument("--data", default="mnist-small", help="training data: mnist-small (bundled) or an .npz file")
+    p.add_argument("--test-data", help="held-out set (default: the test split of --data, when it has one)")
+    p.add_argument("--broker", default="auto", help="auto, mosquitto, amqtt, or the URL of a running broker")
+    add_round_arguments(p, min_available=None, min_fit=None)
+    return p
+
+
+def _load_training_data(spec: str, manifest):
+    """(x, y) for training and the test spec to evaluate on, from --data."""
+    from coordinator.datasets import load_bundled_mnist
+    from edge_client.data import prepare_for_model
+
+    if spec == "mnist-small":
+        data = load_bundled_mnist()
+        x, y, test = data.x_train, data.y_train, "mnist-small"
+    else:
+        with np.load(spec, allow_pickle=False) as archive:
+            keys = ("x_train", "y_train") if "x_train" in archive.files else ("x", "y")
+            x, y = archive[keys[0]], archive[keys[1]]
+            test = spec if "x_test" in archive.files else None
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / 255.0
+    x, y = prepare_for_model(x, y, manifest)
+    return x, y, test
+
+
+def write_client_files(out: Path, x, y, parts, broker_url: str, federation: str, seed: int) -> list[Path]:
+    """One directory per client: its data partition and its ``client.toml``."""
+    configs = []
+    for index, indices in enumerate(parts):
+        client_id = f"client-{index:03d}"
+        directory = out / "clients" / client_id
+        directory.mkdir(parents=True, exist_ok=True)
+        np.savez(directory / "data.npz", x=x[indices], y=y[indices])
+        config = directory / "client.toml"
+        config.write_text(
+            f'client_id = "{client_id}"\n'
+            f'broker_url = "{broker_url}"\n'
+            f'federation = "{federation}"\n'
+            f'state_dir = "state"\n'
+            f"num_threads = 1\n"  # N clients share this machine's cores
+            f"seed = {seed + index}\n"
+            "\n[data]\n"
+            'kind = "npz"\n'
+            'path = "data.npz"\n'
+        )
+        configs.append(config)
+    return configs
+
+
+def start_clients(configs: list[Path]) -> list[ClientProcess]:
+    clients = []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for config in configs:
+        log_path = config.parent / "client.log"
+        with open(log_path, "ab") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "edge_client", "--config", str(config)],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        clients.append(ClientProcess(config.parent.name, process, log_path))
+    return clients
+
+
+def stop_clients(clients: list[ClientProcess], timeout: float = 15.0) -> None:
+    """SIGINT (a client's graceful stop), then SIGKILL whatever is left after ``timeout``."""
+    for c in clients:
+        if c.process.poll() is None:
+            c.process.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + timeout
+    for c in clients:
+        try:
+            c.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0f s; killing it", c.client_id, timeout)
+            c.process.kill()
+            c.process.wait(timeout=5)
+
+
+def _watch_clients(clients: list[ClientProcess], stop: threading.Event, done: threading.Event) -> None:
+    """Report clients that die during the run (the federation itself tolerates it)."""
+    reported: set[str] = set()
+    while not done.wait(1.0):
+        for c in clients:
+            if c.process.poll() is not None and c.client_id not in reported:
+                reported.add(c.client_id)
+                log.warning("%s exited with code %s; see %s", c.client_id, c.process.returncode, c.log_path)
+        if len(reported) == len(clients):
+            log.error("every client process exited; stopping")
+            stop.set()
+
+
+def summarize(history, started: float, out: Path) -> str:
+    if not history:
+        return "no round completed"
+    last = history[-1]
+    accuracies = [m.test_accuracy for m in history if m.test_accuracy is not None]
+    lines = [
+        f"rounds completed: {last.round}",
+        f"wall time: {time.monotonic() - started:.1f} s",
+        f"bytes in/out: {sum(m.bytes_in for m in history):,} / {sum(m.bytes_out for m in history):,}",
+        f"rejected updates: {sum(m.clients_rejected for m in history)}",
+    ]
+    if accuracies:
+        lines.insert(1, f"final test accuracy: {accuracies[-1]:.4f} (best {max(accuracies):.4f})")
+    lines.append(f"metrics: {out / 'metrics.jsonl'}, plot: {out / 'metrics.png'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from coordinator.cli import install_signal_handlers, make_transport, setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    if args.clients < 1:
+        print("litefed-emulate: error: --clients must be at least 1", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    install_signal_handlers(stop)
+    try:
+        return _emulate(args, stop, make_transport)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _emulate(args: argparse.Namespace, stop: threading.Event, make_transport) -> int:
+    from coordinator.broker import EmbeddedBroker
+    from coordinator.builtin_models import builtin_model
+    from coordinator.errors import CoordinatorError
+    from coordinator.metrics import read_jsonl
+    from coordinator.plots import plot_rounds
+    from coordinator.runner import build_coordinator, run_with_progress
+    from edge_client.errors import EdgeClientError
+    from edge_client.manifest import load_manifest, manifest_path_for
+
+    started = time.monotonic()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    args.model = args.model or builtin_model("mnist_cnn", 32)
+    manifest = load_manifest(manifest_path_for(args.model))
+    x, y, test = _load_training_data(args.data, manifest)
+    args.test_data = args.test_data or test
+    parts = args.partition(y, args.clients, np.random.default_rng(args.seed))
+    log.info("%d examples split %s among %d clients (sizes %d..%d)", len(x), args.partition, args.clients,
+             min(map(len, parts)), max(map(len, parts)))  # fmt: skip
+    args.min_available = args.min_available or args.clients
+    args.min_fit = args.min_fit or max(1, math.ceil(args.fraction_fit * args.clients))
+    args.wait_for_clients = args.wait_for_clients or 300.0
+
+    broker = None
+    if "://" in args.broker:
+        url = args.broker
+    else:
+        broker = EmbeddedBroker(kind=args.broker)
+        url = broker.start()
+        log.info("broker: %s (%s)", url, broker.kind)
+    args.broker = url  # the coordinator connects to the broker actually running
+    clients: list[ClientProcess] = []
+    done = threading.Event()
+    try:
+        clients = start_clients(write_client_files(out, x, y, parts, url, args.federation, args.seed))
+        threading.Thread(target=_watch_clients, args=(clients, stop, done), daemon=True).start()
+        coordinator = build_coordinator(args, make_transport)
+        history = run_with_progress(coordinator, stop, progress=not args.no_progress)
+    except (CoordinatorError, EdgeClientError, FileNotFoundError, ValueError) as exc:
+        print(f"litefed-emulate: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        done.set()
+        stop_clients(clients)
+        if broker is not None:
+            broker.stop()
+    records = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+    if records:
+        plot_rounds({f"{args.clients} clients, {args.partition}": records}, out / "metrics.png", "litefed emulation")
+    print(summarize(history, started, out))
+    return 0 if history else 1

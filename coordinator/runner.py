@@ -1,0 +1,88 @@
+"""Wiring for the command lines: build a coordinator from options and run it
+with a progress bar. Kept apart from :mod:`coordinator.cli` so the emulator
+builds the very same coordinator."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from coordinator.datasets import load_test_set
+from coordinator.evaluation import ServerEvaluator
+from coordinator.metrics import RoundMetrics
+from coordinator.server import Coordinator, CoordinatorConfig
+from coordinator.strategy import FedAvg, RoundConfig
+from edge_client.manifest import load_manifest, manifest_path_for
+from edge_client.transport import Transport
+
+log = logging.getLogger(__name__)
+
+
+def build_coordinator(args: argparse.Namespace, make_transport: Callable[[str, str], Transport]) -> Coordinator:
+    """A coordinator configured from ``litefed-coordinator`` options."""
+    model_path = Path(args.model)
+    manifest = load_manifest(manifest_path_for(model_path))
+    lr = args.lr if args.lr is not None else float(manifest.optimizer["learning_rate"])
+    evaluate = None
+    if args.test_data:
+        x, y = load_test_set(args.test_data, manifest)
+        evaluate = ServerEvaluator(model_path.read_bytes(), manifest, x, y)
+        log.info("evaluating on %d held-out examples from %s", len(x), args.test_data)
+    strategy = FedAvg(
+        fraction_fit=args.fraction_fit,
+        min_fit=args.min_fit,
+        min_available=args.min_available,
+        round_config=RoundConfig(epochs=args.epochs, lr=lr, mu=args.mu, codec=args.codec),
+        server_lr=args.server_lr,
+        evaluate_fn=evaluate,
+    )
+    out = Path(args.out)
+    config = CoordinatorConfig(
+        model_path=model_path,
+        rounds=args.rounds,
+        round_timeout=args.round_timeout,
+        federation=args.federation,
+        topic_prefix=args.topic_prefix,
+        checkpoint_dir=out / "checkpoints",
+        metrics_path=out / "metrics.jsonl",
+        seed=args.seed,
+        max_attempts=args.max_attempts,
+        wait_for_clients=args.wait_for_clients,
+    )
+    return Coordinator(config, make_transport(args.broker, f"coordinator-{args.federation}"), strategy)
+
+
+def describe(metrics: RoundMetrics) -> str:
+    parts = [f"round {metrics.round}", f"{metrics.clients_answered}/{metrics.clients_selected} clients"]
+    if metrics.test_accuracy is not None:
+        parts.append(f"test acc {metrics.test_accuracy:.4f} loss {metrics.test_loss:.4f}")
+    if metrics.train_loss is not None:
+        parts.append(f"train loss {metrics.train_loss:.4f}")
+    if metrics.clients_rejected:
+        parts.append(f"rejected {metrics.rejected_reasons}")
+    return ", ".join(parts) + f" ({metrics.round_seconds:.1f} s)"
+
+
+def run_with_progress(coordinator: Coordinator, stop: threading.Event, progress: bool = True) -> list[RoundMetrics]:
+    """Start, run every remaining round, close; one progress-bar step per round."""
+    coordinator.start()
+    total, done = coordinator.config.rounds, coordinator.completed_round
+    try:
+        with logging_redirect_tqdm(), tqdm(total=total, initial=done, unit="round", disable=not progress) as bar:
+
+            def on_round(metrics: RoundMetrics) -> None:
+                log.info(describe(metrics))
+                if metrics.test_accuracy is not None:
+                    bar.set_postfix(acc=f"{metrics.test_accuracy:.4f}", loss=f"{metrics.test_loss:.3f}")
+                bar.update(1)
+
+            coordinator.on_round = on_round
+            return coordinator.run(stop)
+    finally:
+        coordinator.close()

@@ -1,0 +1,621 @@
+"""MQTT over paho-mqtt 2.x: the only module of litefed that imports paho.
+
+:class:`MqttTransport` implements :class:`edge_client.transport.Transport`.
+paho runs its network loop in a background thread (``loop_start``); the
+callbacks on that thread only put messages into the bounded receive queue and
+update connection state, so user code never runs on (or blocks) paho's thread.
+
+Sessions are clean (MQTT 3.1.1 ``clean_session=True``, MQTT 5 ``clean_start``
+with no session expiry), and every subscription is sent again after each
+reconnection. A persistent session would let the broker queue QoS 1 messages
+for offline boards, but mosquitto without persistence and amqtt lose sessions
+when they restart anyway, an offline board would get stale rounds replayed,
+and a fleet of dead boards would keep broker memory busy. The federation's
+current state travels in retained messages instead, which a reconnecting
+client receives when it subscribes again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edge_client.errors import (
+    BrokerAuthError,
+    BrokerUnavailable,
+    BrokerUrlError,
+    PayloadTooLarge,
+    PublishFailed,
+    SubscribeFailed,
+    TransportError,
+)
+from edge_client.transport import (
+    DEFAULT_MAX_PAYLOAD,
+    DEFAULT_QUEUE_SIZE,
+    QOS,
+    Message,
+    MessageQueue,
+    check_pattern,
+    check_topic,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+PROTOCOLS = {"3.1.1": paho.MQTTv311, "5": paho.MQTTv5}
+# paho keeps every QoS 1 message until its PUBACK and resends it after a
+# reconnection; cap that store so a long outage cannot exhaust a board's RAM.
+MAX_UNACKED_PUBLISHES = 64
+# CONNACK reason codes that mean "your credentials or certificate": retrying will not help.
+_AUTH_REFUSALS = {134, 135, 138, 140}  # bad user name or password, not authorized, banned, bad auth method
+
+
+# -- broker URLs ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BrokerUrl:
+    """Where and how to reach a broker: ``mqtt://[user[:pass]@]host[:port]`` or ``mqtts://``.
+
+    ``mqtts`` uses TLS (default port 8883) and checks the broker's certificate
+    against ``ca_file`` (the system CAs when None). ``cert_file`` and
+    ``key_file`` authenticate the client (mutual TLS, as AWS IoT Core uses).
+    ``str()`` hides the password, so a URL can go into logs and messages.
+    """
+
+    host: str
+    port: int = 1883
+    tls: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise BrokerUrlError("the broker URL has no host; expected mqtt://host:1883 or mqtts://host:8883")
+        if not 1 <= self.port <= 65535:
+            raise BrokerUrlError(f"broker port {self.port} is out of range; use 1..65535 (1883 plain, 8883 TLS)")
+        if self.password is not None and self.username is None:
+            raise BrokerUrlError(f"{self}: a password needs a user name, as in mqtt://user:pass@host")
+        files = {"ca_file": self.ca_file, "cert_file": self.cert_file, "key_file": self.key_file}
+        given = {name: path for name, path in files.items() if path is not None}
+        if given and not self.tls:
+            raise BrokerUrlError(f"{self}: {', '.join(given)} need TLS; use an mqtts:// URL")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise BrokerUrlError(f"{self}: mutual TLS needs both cert_file and key_file")
+        for name, path in given.items():
+            object.__setattr__(self, name, Path(path))
+            if not Path(path).is_file():
+                raise BrokerUrlError(f"{self}: {name} {path} not found")
+
+    @classmethod
+    def parse(
+        cls,
+        url: str,
+        *,
+        ca_file: str | Path | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
+    ) -> BrokerUrl:
+        """Parse ``url``; raise :class:`BrokerUrlError` saying what is wrong."""
+        hint = "expected mqtt://[user:pass@]host[:port] or mqtts://... for TLS"
+        if not isinstance(url, str) or "://" not in url:
+            raise BrokerUrlError(f"broker URL {url!r} is not a URL; {hint}")
+        parts = urlsplit(url.strip())
+        scheme = parts.scheme.lower()
+        if scheme not in DEFAULT_PORTS:
+            raise BrokerUrlError(
+                f"broker URL {_redact(url)!r} has scheme {parts.scheme!r}; "
+                "use mqtt:// (plain TCP, port 1883) or mqtts:// (TLS, port 8883)"
+            )
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise BrokerUrlError(
+                f"broker URL {_redact(url)!r} must not have a path, query or fragment; "
+                "pass TLS files as ca_file=, cert_file=, key_file="
+            )
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise BrokerUrlError(f"broker URL {_redact(url)!r} has an invalid port ({exc}); {hint}") from exc
+        if not parts.hostname:
+            raise BrokerUrlError(f"broker URL {_redact(url)!r} has no host; {hint}")
+        return cls(
+            host=parts.hostname,
+            port=DEFAULT_PORTS[scheme] if port is None else port,
+            tls=scheme == "mqtts",
+            username=unquote(parts.username) if parts.username else None,
+            password=None if parts.password is None else unquote(parts.password),
+            ca_file=None if ca_file is None else Path(ca_file),
+            cert_file=None if cert_file is None else Path(cert_file),
+            key_file=None if key_file is None else Path(key_file),
+        )
+
+    def __str__(self) -> str:
+        scheme = "mqtts" if self.tls else "mqtt"
+        user = ""
+        if self.username is not None:
+            user = self.username + (":***" if self.password is not None else "") + "@"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{user}{host}:{self.port}"
+
+
+def _redact(url: str) -> str:
+    """``url`` with the password replaced by ``***``, for error messages."""
+    head, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{head}://{userinfo.split(':', 1)[0]}:***@{host}"
+
+
+# -- reconnection --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Delays between reconnection attempts: exponential, capped, with "equal jitter".
+
+    Attempt ``n`` (from 0) waits a uniform random time in ``[d * (1 - jitter), d]``
+    where ``d = min(maximum, initial * factor**n)``. With the defaults that is
+    0.5-1 s, 1-2 s, 2-4 s, ... up to 30-60 s. The jitter spreads a fleet of
+    boards that lost a restarting broker at the same moment, so they do not
+    reconnect in lockstep; the lower bound keeps one board from hammering a
+    broker that is down. A successful connection resets ``n`` to 0.
+    """
+
+    initial: float = 1.0
+    maximum: float = 60.0
+    factor: float = 2.0
+    jitter: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial <= self.maximum:
+            raise ValueError(f"need 0 < initial <= maximum, got {self.initial} and {self.maximum}")
+        if self.factor < 1:
+            raise ValueError(f"factor must be >= 1, got {self.factor}")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError(f"jitter must be in [0, 1], got {self.jitter}")
+
+    def delay(self, attempt: int, rand: float | None = None) -> float:
+        """Seconds to wait before attempt ``attempt``; ``rand`` in [0, 1) replaces the random draw."""
+        draw = random.random() if rand is None else rand
+        # Clamp the exponent: factor**attempt would overflow a float after ~1000 attempts.
+        ceiling = min(self.maximum, self.initial * self.factor ** min(attempt, 64))
+        return ceiling * (1.0 - self.jitter * draw)
+
+
+# -- the transport -------------------------------------------------------------------
+
+
+class MqttTransport:
+    """A :class:`~edge_client.transport.Transport` on a real MQTT broker (paho-mqtt 2.x).
+
+    ``will`` is the Last Will (QoS 1): the broker publishes it when this
+    client's connection dies without :meth:`close` (power loss, crash, network
+    failure after the keepalive). Give it ``retain=True`` for presence.
+    A board that loses power sends no TCP reset: the broker notices after 1.5 x
+    ``keepalive`` seconds of silence. ``ack_timeout`` bounds how long
+    :meth:`publish` and :meth:`subscribe` wait for the broker's
+    acknowledgement. ``protocol`` is ``"3.1.1"`` or ``"5"``.
+    After a lost connection the transport reconnects by itself, waiting as
+    ``backoff`` says, and subscribes every pattern again.
+    """
+
+    def __init__(
+        self,
+        url: str | BrokerUrl,
+        client_id: str,
+        *,
+        will: Message | None = None,
+        protocol: str = "3.1.1",
+        keepalive: int = 30,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        ack_timeout: float = 10.0,
+        backoff: Backoff | None = None,
+    ):
+        self.url = url if isinstance(url, BrokerUrl) else BrokerUrl.parse(url)
+        if not client_id:
+            raise ValueError("client_id must be a non-empty string: the broker tells clients apart by it")
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {protocol!r}")
+        self.client_id = client_id
+        self.will = will
+        self.protocol = protocol
+        self.keepalive = keepalive
+        self.max_payload = max_payload
+        self.ack_timeout = ack_timeout
+        self.backoff = backoff or Backoff()
+        self.reconnections = 0  # connections re-established after a loss
+
+        self._queue = MessageQueue(queue_size, name=f"receive queue of {client_id!r}")
+        self._cond = threading.Condition()  # guards everything below; callbacks notify through it
+        self._patterns: list[str] = []
+        self._session_live = False  # CONNACK accepted, connection not lost since
+        self._ready = False  # ... and every pattern (re)subscribed
+        self._generation = 0  # successful CONNACKs so far
+        self._resubscribe: tuple[int, tuple[str, ...]] | None = None  # SUBACK mid awaited, its patterns
+        self._awaited: set[int] = set()  # SUBACK mids subscribe() waits for
+        self._subacks: dict[int, list[ReasonCode]] = {}
+        self._refusal: BrokerUnavailable | None = None
+        self._attempt = 0
+        self._started = False  # paho's network thread runs
+        self._handshaking = False  # connect() drives the first handshake on its own thread
+        self._closing = False
+        self._closed = False
+        self._client = self._make_client()
+
+    def __repr__(self) -> str:
+        return f"MqttTransport({str(self.url)!r}, {self.client_id!r}, connected={self._ready})"
+
+    def _make_client(self) -> paho.Client:
+        client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=PROTOCOLS[self.protocol],
+            clean_session=True if self.protocol == "3.1.1" else None,
+        )
+        # A bug in a callback must not kill the network thread (paho re-raises by default).
+        client.suppress_exceptions = True
+        client.max_queued_messages_set(MAX_UNACKED_PUBLISHES)
+        if self.url.username is not None:
+            client.username_pw_set(self.url.username, self.url.password)
+        if self.url.tls:
+            try:
+                client.tls_set(
+                    ca_certs=None if self.url.ca_file is None else str(self.url.ca_file),
+                    certfile=None if self.url.cert_file is None else str(self.url.cert_file),
+                    keyfile=None if self.url.key_file is None else str(self.url.key_file),
+                    cert_reqs=ssl.CERT_REQUIRED,
+                )
+            except (OSError, ValueError) as exc:
+                raise BrokerUrlError(
+                    f"cannot set up TLS for {self.url}: {exc}; check that ca_file, cert_file and key_file are PEM files"
+                ) from exc
+        if self.will is not None:
+            check_topic(self.will.topic)
+            client.will_set(self.will.topic, self.will.payload, qos=QOS, retain=self.will.retain)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        return client
+
+    # -- Transport ---------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._ready and not self._handshaking
+
+    @property
+    def dropped_messages(self) -> int:
+        return self._queue.dropped
+
+    def connect(self, timeout: float = 10.0) -> None:
+        """Connect and subscribe every pattern given so far; raise :class:`BrokerUnavailable`.
+
+        Raises :class:`BrokerAuthError` when the broker refuses the credentials.
+        Once connected, lost connections are re-established in the background.
+        """
+        with self._cond:
+            if self._closed:
+                raise TransportError(f"transport {self.client_id!r} is closed; create a new one to connect again")
+            if self._started:
+                return
+            self._closing = False
+            self._refusal = None
+        deadline = time.monotonic() + timeout
+        self._client.connect_timeout = timeout
+        # The first handshake (CONNACK, then SUBACK) runs on this thread and paho's network thread
+        # starts only afterwards, so a refusal or a dropped connection fails connect() at once
+        # instead of entering paho's reconnect loop.
+        # Other threads' publish() and subscribe() wait meanwhile: paho would write from their thread.
+        with self._cond:
+            self._handshaking = True
+        try:
+            self._open_socket()
+            rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+            while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and (remaining := deadline - time.monotonic()) > 0:
+                rc = self._client.loop(min(0.05, remaining))
+                with self._cond:
+                    if self._ready or self._refusal is not None:
+                        break
+            with self._cond:
+                ready, refusal = self._ready, self._refusal
+            if ready:
+                self._started = True
+                self._client.loop_start()
+            else:
+                self._client.disconnect()  # no network thread yet: paho writes DISCONNECT and closes at once
+        finally:
+            with self._cond:
+                self._handshaking = False
+                if not self._started:
+                    self._session_live = self._ready = False
+                self._cond.notify_all()
+        if ready:
+            log.info("connected to %s as %r", self.url, self.client_id)
+            return
+        if refusal is not None:
+            raise refusal
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise BrokerUnavailable(
+                f"the MQTT broker at {self.url} closed the connection before accepting it. With mqtts://, "
+                "check the client certificate and key (the broker may require them); with mqtt://, check that "
+                "the port is not a TLS listener; the broker's log says why"
+            )
+        raise BrokerUnavailable(
+            f"the MQTT broker at {self.url} accepted the TCP connection but did not complete the MQTT handshake "
+            f"within {timeout:g} s. Check that an MQTT broker listens there and that the URL scheme matches it "
+            "(mqtts:// for a TLS listener, mqtt:// otherwise)"
+        )
+
+    def _open_socket(self) -> None:
+        """TCP (and TLS) connection and CONNECT packet; raise :class:`BrokerUnavailable`."""
+        try:
+            if self.protocol == "5":
+                self._client.connect(self.url.host, self.url.port, self.keepalive, clean_start=True)
+            else:
+                self._client.connect(self.url.host, self.url.port, self.keepalive)
+        except ssl.SSLError as exc:
+            raise BrokerUnavailable(
+                f"TLS handshake with the MQTT broker at {self.url} failed: {exc}. "
+                "Check ca_file (it must sign the broker's certificate) and the client certificate and key"
+            ) from exc
+        except OSError as exc:
+            raise BrokerUnavailable(
+                f"cannot reach the MQTT broker at {self.url}: {exc.strerror or exc}. "
+                "Check that the broker is running and listening on that host and port, and any firewall between"
+            ) from exc
+
+    def close(self) -> None:
+        """Disconnect cleanly: the broker discards the will. Idempotent."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        self._stop()
+        self._queue.close()
+        log.debug("closed the connection to %s as %r", self.url, self.client_id)
+
+    def subscribe(self, pattern: str, timeout: float | None = None) -> None:
+        """Receive messages on topics matching ``pattern``, now and after every reconnection.
+
+        While connected, waits for the broker's SUBACK so that messages
+        published afterwards are delivered; while disconnected, the pattern is
+        subscribed on the next connection. Raises :class:`SubscribeFailed`.
+        """
+        check_pattern(pattern)
+        timeout = self.ack_timeout if timeout is None else timeout
+        with self._cond:
+            if pattern in self._patterns:
+                return
+            self._patterns.append(pattern)
+            # A concurrent connect() ends its handshake within its own timeout (see connect()).
+            self._cond.wait_for(lambda: not self._handshaking)
+            if not self._session_live:
+                return  # _on_connect subscribes it
+            rc, mid = self._client.subscribe(pattern, qos=QOS)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+                return  # the connection just dropped: _on_connect subscribes it again
+            self._awaited.add(mid)
+            generation = self._generation
+
+            def answered() -> bool:
+                return mid in self._subacks or not self._session_live or self._generation != generation
+
+            self._cond.wait_for(answered, timeout)
+            self._awaited.discard(mid)
+            codes = self._subacks.pop(mid, None)
+            if codes is None and (not self._session_live or self._generation != generation):
+                return  # the connection dropped meanwhile; _on_connect subscribes every pattern
+            if codes is None or any(code.is_failure for code in codes):
+                self._patterns.remove(pattern)
+        if codes is None:
+            raise SubscribeFailed(
+                f"the MQTT broker at {self.url} did not acknowledge the subscription to {pattern!r} "
+                f"within {timeout:g} s; retry, or check the broker's load"
+            )
+        if any(code.is_failure for code in codes):
+            raise SubscribeFailed(
+                f"the MQTT broker at {self.url} refused the subscription to {pattern!r} "
+                f"({', '.join(map(str, codes))}); check the broker's access control for client {self.client_id!r}"
+            )
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, timeout: float | None = None) -> None:
+        """Publish with QoS 1 and wait for the PUBACK; raise :class:`PublishFailed` so the caller can resend.
+
+        Waits up to ``timeout`` (default ``ack_timeout``) for a lost connection
+        to come back before giving up.
+        """
+        check_topic(topic)
+        if len(payload) > self.max_payload:
+            raise PayloadTooLarge(
+                f"payload of {len(payload)} bytes on {topic} exceeds max_payload={self.max_payload} bytes of "
+                f"{self.url}; split it with edge_client.chunks first"
+            )
+        timeout = self.ack_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        if not self.wait_connected(timeout):
+            raise PublishFailed(
+                f"not connected to the MQTT broker at {self.url} (reconnecting); the message on {topic} was not "
+                "sent. Retry later"
+            )
+        info = self._client.publish(topic, payload, qos=QOS, retain=retain)
+        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            raise PublishFailed(
+                f"{MAX_UNACKED_PUBLISHES} messages to {self.url} are still waiting for their PUBACK; "
+                "the broker is slow or unreachable. Retry later"
+            )
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            raise PublishFailed(
+                f"the connection to {self.url} dropped while publishing on {topic}; paho resends the message after "
+                "reconnecting, so a retry may deliver it twice (the protocol layer discards duplicates)"
+            )
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise PublishFailed(f"publishing on {topic} to {self.url} failed: {paho.error_string(info.rc)}")
+        try:
+            info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+            published = info.is_published()
+        except (RuntimeError, ValueError) as exc:
+            raise PublishFailed(f"publishing on {topic} to {self.url} failed: {exc}; retry") from exc
+        if not published:
+            raise PublishFailed(
+                f"no PUBACK from {self.url} for the message on {topic} within {timeout:g} s; "
+                "retry (the broker may get it twice; duplicates are discarded above)"
+            )
+
+    def receive(self, timeout: float | None) -> Message | None:
+        return self._queue.get(timeout)
+
+    def wait_connected(self, timeout: float | None) -> bool:
+        """Wait until connected with every subscription active; False after ``timeout`` or once closed."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.connected or self._closed, timeout)
+            return self.connected
+
+    # -- lifecycle helpers -------------------------------------------------------------
+    def _stop(self) -> None:
+        """Disconnect (sending DISCONNECT if connected) and join paho's thread."""
+        with self._cond:
+            self._closing = True
+            started, self._started = self._started, False
+        if started:
+            self._client.disconnect()
+            # Joins within ~1 s even mid-backoff: paho sleeps in 1 s slices and checks its state.
+            self._client.loop_stop()
+        with self._cond:
+            self._session_live = self._ready = False
+            self._cond.notify_all()
+
+    def _next_delay(self) -> float:
+        """Pick the jittered wait before paho's next reconnection attempt.
+
+        paho's ``reconnect_delay_set`` has no jitter, but setting min = max
+        resets its own doubling, so paho waits exactly the delay chosen here.
+        Runs on paho's thread, just before it waits.
+        """
+        delay = self.backoff.delay(self._attempt)
+        self._attempt += 1
+        self._client.reconnect_delay_set(delay, delay)
+        return delay
+
+    # -- paho callbacks (paho's thread: no user code, no blocking) ----------------------
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: object,
+        flags: paho.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            refusal = _refusal_error(self.url, self.client_id, reason_code)
+            with self._cond:
+                self._refusal = refusal
+                self._cond.notify_all()
+            if not self._handshaking:  # else connect() raises it
+                log.warning("%s; retrying with backoff", refusal)
+            return
+        with self._cond:
+            self._generation += 1
+            if self._generation > 1:
+                self.reconnections += 1
+                log.warning("reconnected to %s as %r", self.url, self.client_id)
+            self._attempt = 0
+            self._refusal = None
+            self._session_live = True
+            patterns = tuple(self._patterns)
+            if patterns:
+                rc, mid = client.subscribe([(pattern, QOS) for pattern in patterns])
+                # On failure the connection is gone again; the next _on_connect retries.
+                if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                    self._resubscribe = (mid, patterns)
+            else:
+                self._ready = True
+            self._cond.notify_all()
+
+    def _on_subscribe(
+        self,
+        client: paho.Client,
+        userdata: object,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        with self._cond:
+            if self._resubscribe is not None and mid == self._resubscribe[0]:
+                patterns, self._resubscribe = self._resubscribe[1], None
+                for pattern, code in zip(patterns, reason_codes, strict=False):
+                    if code.is_failure:
+                        log.warning("%s refused the subscription to %r: %s", self.url, pattern, code)
+                self._ready = True
+            elif mid in self._awaited:
+                self._subacks[mid] = reason_codes
+            self._cond.notify_all()
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: object,
+        flags: paho.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        with self._cond:
+            self._session_live = self._ready = False
+            self._resubscribe = None
+            self._cond.notify_all()
+            if self._closing or self._handshaking:  # closing, or connect() reports the loss itself
+                return
+            delay = self._next_delay()
+        if flags.is_disconnect_packet_from_server:
+            why = f"the broker disconnected us: {reason_code}"
+        else:
+            # paho reports a plain socket loss as "Unspecified error".
+            why = "connection lost" if reason_code.value == 128 else str(reason_code)
+        log.warning("%r lost the connection to %s (%s); reconnecting in %.2f s", self.client_id, self.url, why, delay)
+
+    def _on_connect_fail(self, client: paho.Client, userdata: object) -> None:
+        with self._cond:
+            if self._closing:
+                return
+            delay = self._next_delay()
+        log.warning("%r cannot reach %s; retrying in %.2f s", self.client_id, self.url, delay)
+
+    def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            log.warning("dropped a message from %s whose topic is not valid UTF-8", self.url)
+            return
+        self._queue.put(Message(topic, bytes(msg.payload), bool(msg.retain)))
+
+
+def _refusal_error(url: BrokerUrl, client_id: str, reason: ReasonCode) -> BrokerUnavailable:
+    """The exception for a CONNACK that refuses the connection, with what to check."""
+    said = f"the MQTT broker at {url} refused the connection of {client_id!r}: {reason}"
+    if reason.value in _AUTH_REFUSALS:
+        return BrokerAuthError(
+            f"{said}. Check the user name and password in the URL (mqtt://user:pass@host), or the client "
+            "certificate and key for mutual TLS, and that the broker lets this client connect"
+        )
+    if reason.value == 133:  # client identifier not valid
+        return BrokerUnavailable(f"{said}. Choose a shorter client id of letters and digits")
+    if reason.value == 132:  # unsupported protocol version
+        return BrokerUnavailable(f"{said}. Try the other protocol (protocol='3.1.1' or '5')")
+    return BrokerUnavailable(f"{said}. Retry later, or check the broker's log")

@@ -1,0 +1,316 @@
+"""What an edge client keeps on disk so that it resumes after a power loss.
+
+Layout of the state directory::
+
+    model.tflite    the last model received (its SHA-256 is the manifest's model_sha256)
+    model.json      its manifest, as carried by ModelMeta
+    global.bin      the last global-weights frame, raw frame bytes (CRC-checked)
+    pending.bin     the encoded update frame awaiting an ack, raw frame bytes
+    progress.json   rounds trained and acknowledged, and which pending.bin is current
+
+Every file is written atomically: a temporary file in the same directory,
+``fsync``, ``os.replace`` and an ``fsync`` of the directory. A board that
+loses power mid-write keeps the previous version, and whatever is
+inconsistent anyway (a truncated file, a model whose hash does not match its
+manifest, a pending update that is not the one progress.json names) is
+ignored with a warning: the retained messages bring it back.
+
+Loads never raise for bad content; only an unusable directory raises
+:class:`StateError`, when the store is created.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_client.errors import EdgeClientError, ProtocolError, StateError
+from edge_client.frames import Frame, decode_frame, validate_frame
+from edge_client.manifest import Manifest
+from edge_client.model_file import sha256_hex
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.tflite"
+MANIFEST_FILE = "model.json"
+GLOBAL_FILE = "global.bin"
+PENDING_FILE = "pending.bin"
+PROGRESS_FILE = "progress.json"
+PROGRESS_VERSION = 1
+_TMP_PREFIX = ".tmp-"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new content."""
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX + path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    """A model read back from the state directory (hash already checked)."""
+
+    model: bytes
+    manifest_json: dict[str, Any]
+    manifest: Manifest
+    sha256: str
+
+
+@dataclass(frozen=True)
+class PendingUpdate:
+    """Which update awaits an ack: its round, model and the SHA-256 of its bytes."""
+
+    round: int
+    model_sha256: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far this client got with the model ``model_sha256``.
+
+    ``trained_round`` is the last round it trained (never trained again),
+    ``acked_round`` the last round the coordinator acknowledged, and
+    ``pending`` the update to resend while its round is open.
+    """
+
+    model_sha256: str = ""
+    trained_round: int | None = None
+    acked_round: int | None = None
+    pending: PendingUpdate | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        pending = None
+        if self.pending is not None:
+            p = self.pending
+            pending = {"round": p.round, "model_sha256": p.model_sha256, "sha256": p.sha256, "size": p.size}
+        return {
+            "version": PROGRESS_VERSION,
+            "model_sha256": self.model_sha256,
+            "trained_round": self.trained_round,
+            "acked_round": self.acked_round,
+            "pending": pending,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Progress:
+        """Parse progress.json; ValueError for anything malformed."""
+        if not isinstance(obj, dict) or obj.get("version") != PROGRESS_VERSION:
+            raise ValueError(f"not a version-{PROGRESS_VERSION} progress object")
+        pending = obj.get("pending")
+        if pending is not None:
+            if not isinstance(pending, dict):
+                raise ValueError("pending must be an object")
+            pending = PendingUpdate(
+                round=_round(pending.get("round"), "pending.round", optional=False),
+                model_sha256=_str(pending.get("model_sha256"), "pending.model_sha256"),
+                sha256=_str(pending.get("sha256"), "pending.sha256"),
+                size=_round(pending.get("size"), "pending.size", optional=False),
+            )
+        return cls(
+            model_sha256=_str(obj.get("model_sha256"), "model_sha256"),
+            trained_round=_round(obj.get("trained_round"), "trained_round"),
+            acked_round=_round(obj.get("acked_round"), "acked_round"),
+            pending=pending,
+        )
+
+
+def _round(value: Any, name: str, optional: bool = True) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _str(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+class StateStore:
+    """The state directory of one client (created if missing)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(
+                f"cannot create the state directory {self.directory}: {exc.strerror or exc}; "
+                "choose a writable state_dir (--state-dir)"
+            ) from exc
+        if not os.access(self.directory, os.W_OK | os.X_OK):
+            raise StateError(f"the state directory {self.directory} is not writable; choose another state_dir")
+        self._remove_stale_temporaries()
+
+    def path(self, name: str) -> Path:
+        return self.directory / name
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary files left by a write that a power loss interrupted."""
+        for tmp in self.directory.glob(_TMP_PREFIX + "*"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                log.info("removed %s, left by an interrupted write", tmp)
+
+    def _write(self, name: str, data: bytes) -> None:
+        try:
+            atomic_write(self.path(name), data)
+        except OSError as exc:
+            raise StateError(f"cannot write {self.path(name)}: {exc.strerror or exc}") from exc
+
+    def _read(self, name: str) -> bytes | None:
+        try:
+            return self.path(name).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("ignoring %s: cannot read it (%s)", self.path(name), exc.strerror or exc)
+            return None
+
+    def _remove(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path(name).unlink()
+
+    # -- model -----------------------------------------------------------------------
+    def save_model(self, model: bytes, manifest_json: dict[str, Any]) -> None:
+        """Write the model, then its manifest (a crash in between leaves a hash mismatch, detected on load)."""
+        self._write(MODEL_FILE, model)
+        self._write(MANIFEST_FILE, (json.dumps(manifest_json, indent=2) + "\n").encode())
+
+    def load_model(self) -> StoredModel | None:
+        """The stored model if both files are intact and belong together, else None."""
+        model, manifest_raw = self._read(MODEL_FILE), self._read(MANIFEST_FILE)
+        if model is None and manifest_raw is None:
+            return None
+        if model is None or manifest_raw is None:
+            log.warning(
+                "ignoring the stored model in %s: %s is missing",
+                self.directory,
+                MODEL_FILE if model is None else MANIFEST_FILE,
+            )
+            return None
+        try:
+            manifest_json = json.loads(manifest_raw.decode("utf-8"))
+            manifest = Manifest.from_json(manifest_json)
+        except (UnicodeDecodeError, ValueError, EdgeClientError) as exc:
+            log.warning("ignoring the stored model: %s is damaged (%s)", self.path(MANIFEST_FILE), exc)
+            return None
+        digest = sha256_hex(model)
+        if digest != manifest.model_sha256:
+            log.warning(
+                "ignoring the stored model: %s (sha256 %s) does not match its manifest (%s); "
+                "a write was probably interrupted",
+                self.path(MODEL_FILE),
+                digest[:12],
+                manifest.model_sha256[:12],
+            )
+            return None
+        return StoredModel(model, manifest_json, manifest, digest)
+
+    # -- global weights --------------------------------------------------------------
+    def save_global(self, frame_bytes: bytes) -> None:
+        self._write(GLOBAL_FILE, frame_bytes)
+
+    def load_global(self, manifest: Manifest | None = None) -> tuple[bytes, Frame] | None:
+        """The stored global frame, decoded and (given the manifest) validated against the model."""
+        data = self._read(GLOBAL_FILE)
+        if data is None:
+            return None
+        try:
+            frame = decode_frame(data)
+            if manifest is not None:
+                validate_frame(frame, manifest.weights, manifest.model_sha256, "global")
+            elif frame.kind != "global":
+                raise ProtocolError("wrong_kind", f"a {frame.kind!r} frame")
+        except ProtocolError as exc:
+            log.warning("ignoring the stored global weights %s: %s", self.path(GLOBAL_FILE), exc)
+            return None
+        return data, frame
+
+    # -- progress and the pending update ---------------------------------------------
+    def load_progress(self) -> Progress:
+        """progress.json, or an empty Progress if it is missing or damaged."""
+        raw = self._read(PROGRESS_FILE)
+        if raw is None:
+            return Progress()
+        try:
+            return Progress.from_json(json.loads(raw.decode("utf-8")))
+        except (UnicodeDecodeError, ValueError) as exc:
+            log.warning("ignoring %s: damaged (%s); starting without progress", self.path(PROGRESS_FILE), exc)
+            return Progress()
+
+    def save_progress(self, progress: Progress, pending_bytes: bytes | None = None) -> None:
+        """Write progress.json, after pending.bin when ``pending_bytes`` is given.
+
+        pending.bin is written first: should power fail in between, progress.json
+        still names the old update, whose hash no longer matches, and the stale
+        pending update is ignored on load rather than resent.
+        """
+        if pending_bytes is not None:
+            if progress.pending is None or sha256_hex(pending_bytes) != progress.pending.sha256:
+                raise ValueError("pending_bytes must be the update named by progress.pending")
+            self._write(PENDING_FILE, pending_bytes)
+        self._write(PROGRESS_FILE, (json.dumps(progress.to_json(), indent=2) + "\n").encode())
+        if progress.pending is None:
+            self._remove(PENDING_FILE)
+
+    def load_pending(self, progress: Progress, manifest: Manifest | None = None) -> bytes | None:
+        """The bytes of ``progress.pending`` if pending.bin is intact and is that update, else None."""
+        pending = progress.pending
+        if pending is None:
+            return None
+        data = self._read(PENDING_FILE)
+        if data is None:
+            log.warning(
+                "ignoring the pending update of round %d: %s is missing", pending.round, self.path(PENDING_FILE)
+            )
+            return None
+        if len(data) != pending.size or sha256_hex(data) != pending.sha256:
+            log.warning(
+                "ignoring %s: it is not the pending update of round %d (interrupted write?)",
+                self.path(PENDING_FILE),
+                pending.round,
+            )
+            return None
+        try:
+            frame = decode_frame(data)
+            if manifest is not None:
+                validate_frame(frame, manifest.weights, manifest.model_sha256, "update", pending.round)
+        except ProtocolError as exc:
+            log.warning("ignoring the pending update %s: %s", self.path(PENDING_FILE), exc)
+            return None
+        return data

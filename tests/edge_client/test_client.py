@@ -1,0 +1,670 @@
+"""The edge client against a fake coordinator on the in-memory broker.
+
+The fake coordinator speaks the wire protocol with the edge_client protocol
+modules only (ModelMeta, chunks, frames, RoundAnnouncement, Ack), so these
+tests pin the client to docs/protocol.md rather than to the coordinator's code.
+Time is a fake clock: deadlines and resend timers move only when a test says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import numpy as np
+import pytest
+
+from edge_client.chunks import Reassembler, split
+from edge_client.client import EdgeClient, last_will
+from edge_client.config import ClientConfig, DataSourceConfig
+from edge_client.frames import Frame, decode_frame, encode_frame, validate_frame
+from edge_client.messages import Ack, ModelMeta, Presence, RoundAnnouncement
+from edge_client.model_file import sha256_hex
+from edge_client.topics import Topics
+from edge_client.transport import InMemoryBroker, InMemoryTransport, Message
+from edge_client.weights import NamedArray
+from tests.helpers import separable_binary_data
+
+CLIENT = "pi-1"
+T0 = 1_700_000_000.0
+MODEL_CHUNK = 4096  # several chunks even for the small tabular model
+UPDATE_CHUNK = 1024
+ACK_TIMEOUT = 10.0
+NUM_EXAMPLES = 48
+
+
+class FakeClock:
+    def __init__(self, now: float = T0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeCoordinator:
+    """Publishes what a coordinator publishes and collects what clients send."""
+
+    def __init__(self, broker: InMemoryBroker, tabular, topics: Topics | None = None):
+        self.topics = topics or Topics()
+        self.model = tabular.tflite
+        self.manifest = tabular.manifest
+        self.sha = sha256_hex(self.model)
+        self.transport = InMemoryTransport(broker, "coordinator")
+        self.transport.connect()
+        self.transport.subscribe(self.topics.updates)
+        self.transport.subscribe(self.topics.presences)
+        self.update_messages: list[bytes] = []  # raw update chunks, in arrival order
+        self.updates: list[bytes] = []  # reassembled update payloads
+        self.presence: dict[str, Presence] = {}
+        self._reassembler = Reassembler()
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.transport.publish(topic, payload, retain=retain)
+
+    def publish_meta(self) -> None:
+        count = len(split(self.model, MODEL_CHUNK))
+        meta = ModelMeta(self.sha, len(self.model), count, self.manifest.to_json())
+        self.publish(self.topics.model_meta, meta.to_bytes(), retain=True)
+
+    def publish_model_chunks(self) -> None:
+        for i, chunk in enumerate(split(self.model, MODEL_CHUNK)):
+            self.publish(self.topics.model_chunk(i), chunk, retain=True)
+
+    def publish_model(self) -> None:
+        self.publish_meta()
+        self.publish_model_chunks()
+
+    def publish_global(self, weights: list[NamedArray], round: int) -> bytes:
+        frame = encode_frame(Frame("global", round, self.sha, weights))
+        for i, chunk in enumerate(split(frame, MODEL_CHUNK)):
+            self.publish(self.topics.global_chunk(i), chunk, retain=True)
+        return frame
+
+    def announce(self, round: int, selected=(CLIENT,), deadline: float = T0 + 100, **kw) -> RoundAnnouncement:
+        ann = RoundAnnouncement(round, tuple(selected), deadline, kw.pop("model_sha256", self.sha), **kw)
+        self.publish(self.topics.round, ann.to_bytes(), retain=True)
+        return ann
+
+    def ack(self, round: int, status: str, reason: str = "", client: str = CLIENT) -> None:
+        self.publish(self.topics.ack(client), Ack(round, status, reason).to_bytes())
+
+    def drain(self) -> None:
+        while (message := self.transport.receive(0)) is not None:
+            if self.topics.client_of(message.topic) is None:
+                continue
+            if message.topic.startswith(self.topics.base + "/presence/"):
+                if message.payload:
+                    self.presence[self.topics.client_of(message.topic)] = Presence.from_bytes(message.payload)
+                continue
+            self.update_messages.append(message.payload)
+            payload = self._reassembler.add(message.payload, message.topic)
+            if payload is not None:
+                self.updates.append(payload)
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+def initial_weights(tabular) -> list[NamedArray]:
+    return tabular.runtime().get_weights()
+
+
+def shifted(weights: list[NamedArray], by: float) -> list[NamedArray]:
+    return [NamedArray(n, (a + by).astype(np.float32)) for n, a in weights]
+
+
+def make_config(tmp_path, **kw) -> ClientConfig:
+    defaults = dict(
+        client_id=CLIENT,
+        state_dir=tmp_path / "state",
+        ack_timeout=ACK_TIMEOUT,
+        max_resends=2,
+        max_chunk=UPDATE_CHUNK,
+        seed=0,
+    )
+    return ClientConfig(**{**defaults, **kw})
+
+
+class Harness:
+    """A broker, a fake coordinator, a fake clock and clients on them."""
+
+    def __init__(self, tmp_path, tabular):
+        self.tmp_path = tmp_path
+        self.tabular = tabular
+        self.broker = InMemoryBroker()
+        self.clock = FakeClock()
+        self.coordinator = FakeCoordinator(self.broker, tabular)
+        self.dataset = separable_binary_data(NUM_EXAMPLES, seed=3)
+        self.clients: list[EdgeClient] = []
+
+    def client(self, dataset="default", start: bool = True, **config_kw) -> EdgeClient:
+        config = make_config(self.tmp_path, **config_kw)
+        transport = InMemoryTransport(self.broker, config.client_id, will=last_will(config))
+        data = self.dataset if dataset == "default" else dataset
+        client = EdgeClient(config, transport, dataset=data, clock=self.clock)
+        self.clients.append(client)
+        if start:
+            client.start()
+        return client
+
+    def pump(self, client: EdgeClient, until=None, max_steps: int = 400, max_seconds: float = 10.0) -> None:
+        """Step ``client`` until ``until()`` holds, or until it has no message left (no ``until``)."""
+        deadline = time.monotonic() + max_seconds
+        for _ in range(max_steps):
+            handled = client.step(0.0)
+            self.coordinator.drain()
+            if until is not None and until():
+                return
+            if until is None and not handled:
+                return
+            if time.monotonic() > deadline:
+                break
+        if until is not None:
+            raise AssertionError(f"condition not reached within {max_steps} steps / {max_seconds} s")
+
+    def bootstrap(self, round: int = 3, weights=None, **announce_kw) -> RoundAnnouncement:
+        self.coordinator.publish_model()
+        self.coordinator.publish_global(weights or initial_weights(self.tabular), round)
+        return self.coordinator.announce(round, **announce_kw)
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        self.coordinator.close()
+
+
+@pytest.fixture
+def h(tmp_path, tabular):
+    harness = Harness(tmp_path, tabular)
+    yield harness
+    harness.close()
+
+
+def decode_update(h: Harness, payload: bytes, round: int) -> Frame:
+    frame = decode_frame(payload)
+    validate_frame(frame, h.tabular.manifest.weights, h.coordinator.sha, "update", current_round=round)
+    return frame
+
+
+# -- the happy path ------------------------------------------------------------------
+
+
+def test_client_downloads_model_trains_and_sends_a_valid_update(h):
+    client = h.client()
+    assert h.broker.retained[Topics().presence(CLIENT)].payload == Presence("online", NUM_EXAMPLES, "0.1.0").to_bytes()
+    start = shifted(initial_weights(h.tabular), 0.01)
+    h.bootstrap(round=3, weights=start, epochs=2, lr=0.05)
+
+    h.pump(client, until=lambda: h.coordinator.updates)
+    assert client.model_sha256 == h.coordinator.sha
+    assert client.global_frame is not None and client.global_frame.round == 3
+    assert len(h.coordinator.updates) == 1
+    assert len(h.coordinator.update_messages) > 1, "the update should travel in several chunks"
+    assert all(len(m) <= UPDATE_CHUNK for m in h.coordinator.update_messages)
+
+    frame = decode_update(h, h.coordinator.updates[0], round=3)
+    assert (frame.kind, frame.round, frame.client_id, frame.codec) == ("update", 3, CLIENT, "float32")
+    assert frame.model_sha256 == h.coordinator.sha
+    assert frame.num_examples == NUM_EXAMPLES
+    assert set(frame.metrics) == {"loss", "accuracy"}
+    assert all(np.isfinite(v) for v in frame.metrics.values()) and 0 <= frame.metrics["accuracy"] <= 1
+    # delta = trained - global: the global weights plus the delta are the client's trained weights.
+    trained = client.model.get_weights()
+    for (name, delta), (_, g), (_, w) in zip(frame.tensors, start, trained, strict=True):
+        assert delta.dtype == np.float32 and np.isfinite(delta).all()
+        np.testing.assert_allclose(g + delta, w, rtol=0, atol=1e-6, err_msg=name)
+    assert any(np.abs(d).max() > 1e-4 for _, d in frame.tensors), "training changed nothing"
+
+    # The state directory holds the model, the global frame and the pending update.
+    state = h.tmp_path / "state"
+    assert sha256_hex((state / "model.tflite").read_bytes()) == h.coordinator.sha
+    assert (state / "global.bin").is_file() and (state / "pending.bin").read_bytes() == h.coordinator.updates[0]
+    assert client.progress.trained_round == 3 and client.progress.pending is not None
+
+    h.coordinator.ack(3, "accepted")
+    h.pump(client, until=lambda: client.progress.acked_round == 3)
+    assert client.progress.pending is None and not (state / "pending.bin").exists()
+    assert client.rounds_completed == 1
+    assert sum(client.rejected.values()) == 0
+
+
+def test_update_with_float16_codec(h):
+    client = h.client()
+    h.bootstrap(round=0, codec="float16")
+    h.pump(client, until=lambda: h.coordinator.updates)
+    frame = decode_update(h, h.coordinator.updates[0], round=0)
+    assert frame.codec == "float16"
+
+
+def test_data_from_the_config_file(h, tmp_path):
+    x, y = separable_binary_data(40, seed=4)
+    np.savez(tmp_path / "part.npz", features=x, labels=y[:, 0])
+    source = DataSourceConfig("npz", tmp_path / "part.npz", x_key="features", y_key="labels")
+    client = h.client(dataset=None, data=source)
+    h.bootstrap(round=1)
+    h.pump(client, until=lambda: h.coordinator.updates)
+    assert decode_update(h, h.coordinator.updates[0], round=1).num_examples == 40
+    assert h.coordinator.presence[CLIENT] == Presence("online", 40, "0.1.0")
+
+
+def test_chunks_before_meta_and_global_before_model(h):
+    """Retained messages may come in any order; nothing is downloaded twice."""
+    client = h.client()
+    h.coordinator.publish_global(initial_weights(h.tabular), 2)
+    h.coordinator.publish_model_chunks()
+    h.coordinator.announce(2)
+    h.pump(client)
+    assert client.model is None and not h.coordinator.updates
+    h.coordinator.publish_meta()
+    h.pump(client, until=lambda: h.coordinator.updates)
+    assert client.global_frame.round == 2
+    decode_update(h, h.coordinator.updates[0], round=2)
+
+
+# -- when not to train -------------------------------------------------------------
+
+
+def test_not_selected_sends_nothing(h):
+    client = h.client()
+    h.bootstrap(round=3, selected=("pi-2", "pi-3"))
+    h.pump(client)
+    assert client.model is not None and client.global_frame.round == 3
+    assert h.coordinator.update_messages == []
+    assert client.progress.trained_round is None
+
+
+def test_passed_deadline_sends_nothing(h):
+    client = h.client()
+    h.clock.now = T0 + 1000
+    h.bootstrap(round=3, deadline=T0 + 100)
+    h.pump(client)
+    assert h.coordinator.update_messages == []
+    assert client.progress.trained_round is None
+
+
+def test_waits_for_the_global_weights_of_the_announced_round(h):
+    client = h.client()
+    h.coordinator.publish_model()
+    weights = initial_weights(h.tabular)
+    h.coordinator.publish_global(weights, 3)
+    h.coordinator.announce(4)
+    h.pump(client)
+    assert h.coordinator.update_messages == [] and client.global_frame.round == 3
+    h.coordinator.publish_global(shifted(weights, 0.02), 4)
+    h.pump(client, until=lambda: h.coordinator.updates)
+    assert decode_update(h, h.coordinator.updates[0], round=4).round == 4
+    # An older global frame never replaces a newer one.
+    h.coordinator.publish_global(weights, 2)
+    h.pump(client)
+    assert client.global_frame.round == 4
+
+
+def test_training_past_the_deadline_is_not_sent(h, caplog):
+    client = h.client()
+    h.coordinator.publish_model()
+    h.pump(client, until=lambda: client.model is not None)
+    fit = client.model.fit
+
+    def slow_fit(*args, **kwargs):
+        h.clock.now += 60  # each epoch "takes" a minute
+        return fit(*args, **kwargs)
+
+    client.model.fit = slow_fit
+    h.coordinator.publish_global(initial_weights(h.tabular), 5)
+    h.coordinator.announce(5, deadline=T0 + 90, epochs=3)
+    with caplog.at_level(logging.INFO, logger="edge_client.client"):
+        h.pump(client)
+    assert h.coordinator.update_messages == []
+    assert "too slow for round 5" in caplog.text
+    assert client.progress.trained_round == 5 and client.rounds_completed == 1
+
+
+# -- acks and resends --------------------------------------------------------------
+
+
+def _sends(h: Harness, chunks_per_send: int) -> list[bytes]:
+    messages = h.coordinator.update_messages
+    assert len(messages) % chunks_per_send == 0
+    return [b"".join(messages[i : i + chunks_per_send]) for i in range(0, len(messages), chunks_per_send)]
+
+
+def test_without_ack_it_resends_identical_bytes_then_gives_up(h):
+    client = h.client(max_resends=2)
+    h.bootstrap(round=3, deadline=T0 + 1000)
+    h.pump(client, until=lambda: h.coordinator.updates)
+    per_send = len(h.coordinator.update_messages)
+    h.pump(client)
+    assert len(h.coordinator.update_messages) == per_send, "resent before ack_timeout"
+
+    for expected_sends in (2, 3, 3, 3, 3):
+        h.clock.now += ACK_TIMEOUT
+        h.pump(client)
+        assert len(_sends(h, per_send)) == expected_sends
+    sends = _sends(h, per_send)
+    assert all(s == sends[0] for s in sends), "a resend must repeat the same bytes"
+    assert client.updates_sent == 3 and client.rounds_completed == 1
+    assert len(h.coordinator.updates) == 3 and len(set(h.coordinator.updates)) == 1
+
+
+def test_resends_stop_at_the_deadline(h):
+    client = h.client(max_resends=100)
+    h.bootstrap(round=3, deadline=T0 + 25)
+    h.pump(client, until=lambda: h.coordinator.updates)
+    per_send = len(h.coordinator.update_messages)
+    for _ in range(10):
+        h.clock.now += ACK_TIMEOUT
+        h.pump(client)
+    assert len(_sends(h, per_send)) == 3  # at T0, T0+10, T0+20; the deadline T0+25 ends it
+
+
+@pytest.mark.parametrize("status", ["accepted", "duplicate"])
+def test_an_ack_stops_the_resends(h, status):
+    client = h.client(max_resends=5)
+    h.bootstrap(round=3, deadline=T0 + 1000)
+    h.pump(client, until=lambda: h.coordinator.updates)
+    per_send = len(h.coordinator.update_messages)
+    h.clock.now += ACK_TIMEOUT
+    h.pump(client)
+    assert len(_sends(h, per_send)) == 2
+    h.coordinator.ack(3, status)
+    h.pump(client, until=lambda: client.progress.acked_round == 3)
+    for _ in range(5):
+        h.clock.now += ACK_TIMEOUT
+        h.pump(client)
+    assert len(_sends(h, per_send)) == 2
+    assert client.progress.pending is None and client.rounds_completed == 1
+
+
+def test_a_rejection_is_logged_and_ends_the_round(h, caplog):
+    client = h.client(max_resends=5)
+    h.bootstrap(round=3, deadline=T0 + 1000)
+    h.pump(client, until=lambda: h.coordinator.updates)
+    per_send = len(h.coordinator.update_messages)
+    with caplog.at_level(logging.WARNING, logger="edge_client.client"):
+        h.coordinator.ack(2, "accepted")  # for another round: ignored
+        h.coordinator.ack(3, "rejected", "bad_tensors")
+        h.pump(client, until=lambda: client.progress.pending is None)
+    assert "bad_tensors" in caplog.text
+    for _ in range(5):
+        h.clock.now += ACK_TIMEOUT
+        h.pump(client)
+    assert len(_sends(h, per_send)) == 1
+    assert client.progress.acked_round is None and client.progress.trained_round == 3
+
+
+def test_a_newer_round_abandons_the_old_update(h):
+    client = h.client(max_resends=5)
+    weights = initial_weights(h.tabular)
+    h.bootstrap(round=3, weights=weights, deadline=T0 + 1000)
+    h.pump(client, until=lambda: h.coordinator.updates)
+    h.coordinator.publish_global(shifted(weights, 0.05), 4)
+    h.coordinator.announce(4, deadline=T0 + 1000)
+    h.pump(client, until=lambda: len(h.coordinator.updates) == 2)
+    assert decode_update(h, h.coordinator.updates[1], round=4).round == 4
+    before = len(h.coordinator.update_messages)
+    h.coordinator.ack(4, "accepted")
+    for _ in range(4):
+        h.clock.now += ACK_TIMEOUT
+        h.pump(client)
+    assert len(h.coordinator.update_messages) == before, "round 3 must not be resent"
+    assert client.progress.acked_round == 4
+
+
+# -- malformed input ----------------------------------------------------------------
+
+
+def _chunk_of(payload: bytes) -> bytes:
+    (chunk,) = split(payload, 1 << 20)
+    return chunk
+
+
+def test_malformed_messages_are_counted_and_ignored(h):
+    client = h.client()
+    topics, coordinator = Topics(), h.coordinator
+    weights = initial_weights(h.tabular)
+    sha = coordinator.sha
+
+    def global_chunk(frame: Frame) -> bytes:
+        return _chunk_of(encode_frame(frame))
+
+    bad = [
+        (topics.model_meta, b"{not json", "bad_json"),
+        (topics.model_meta, ModelMeta("ab" * 32, 10, 1, {"format": "nope"}).to_bytes(), "bad_json"),
+        (topics.model_chunk(0), b"LFCK", "truncated"),
+        (topics.model_chunk(0), b"XXXX" + bytes(60), "bad_magic"),
+        (topics.model_chunk(0), _chunk_of(b"model")[:-1] + b"?", "bad_checksum"),
+        (topics.global_chunk(0), _chunk_of(b"not a frame at all"), "bad_magic"),
+        (topics.global_chunk(0), global_chunk(Frame("update", 3, sha, weights)), "wrong_kind"),
+        (topics.global_chunk(0), global_chunk(Frame("global", 3, sha, weights[:1])), "bad_tensors"),
+        (topics.global_chunk(0), global_chunk(Frame("global", 3, sha, shifted(weights, np.nan))), "bad_tensors"),
+        (topics.global_chunk(0), global_chunk(Frame("global", 3, "ef" * 32, weights[:1])), None),  # another model's
+        (topics.round, b"[]", "bad_json"),
+        (topics.round, RoundAnnouncement(3, (CLIENT,), T0 + 100, sha, codec="zstd").to_bytes(), "unknown_codec"),
+        (topics.round, RoundAnnouncement(3, (CLIENT,), T0 + 100, "not-a-hash").to_bytes(), "bad_json"),
+        (topics.ack(CLIENT), b'{"round": 3, "status": "maybe", "reason": ""}', "bad_json"),
+        (topics.ack(CLIENT), b"\xff\xfe", "bad_json"),
+    ]
+    coordinator.publish_model()
+    h.pump(client, until=lambda: client.model is not None)
+    for topic, payload, _ in bad:
+        coordinator.publish(topic, payload)
+    h.pump(client)
+    expected: dict[str, int] = {}
+    for _, _, reason in bad:
+        if reason is not None:
+            expected[reason] = expected.get(reason, 0) + 1
+    assert dict(client.rejected) == expected
+    assert client.global_frame is None and client.announcement is None
+
+    # Still fully working afterwards.
+    coordinator.publish_global(weights, 3)
+    coordinator.announce(3)
+    h.pump(client, until=lambda: coordinator.updates)
+    decode_update(h, coordinator.updates[0], round=3)
+
+
+def test_a_model_that_does_not_match_its_meta_is_not_loaded(h):
+    client = h.client()
+    coordinator = h.coordinator
+    coordinator.publish(
+        Topics().model_meta,
+        ModelMeta("cd" * 32, len(coordinator.model), 1, coordinator.manifest.to_json()).to_bytes(),
+        retain=True,
+    )
+    h.pump(client)
+    assert client.rejected["bad_json"] == 1  # the manifest names another model
+    coordinator.publish_model_chunks()
+    h.pump(client)
+    assert client.model is None  # complete, but no meta announced it
+
+
+def test_empty_retained_payloads_are_not_errors(h):
+    client = h.client()
+    h.bootstrap(round=3)
+    h.pump(client, until=lambda: h.coordinator.updates)
+    for topic in (Topics().model_chunk(9), Topics().global_chunk(9), Topics().round):
+        h.coordinator.publish(topic, b"", retain=True)
+    h.pump(client)
+    assert sum(client.rejected.values()) == 0
+
+
+# -- restarts ------------------------------------------------------------------------
+
+
+def test_restart_resumes_without_retraining_or_downloading(h, caplog):
+    first = h.client()
+    h.bootstrap(round=3)
+    h.pump(first, until=lambda: h.coordinator.updates)
+    h.coordinator.ack(3, "accepted")
+    h.pump(first, until=lambda: first.progress.acked_round == 3)
+    first.transport.drop()  # power loss: the Last Will marks the board offline
+    h.coordinator.drain()
+    assert h.coordinator.presence[CLIENT].status == "offline"
+    sent = len(h.coordinator.update_messages)
+
+    with caplog.at_level(logging.INFO, logger="edge_client.client"):
+        second = h.client()
+        model = second.model
+        assert model is not None and second.model_sha256 == h.coordinator.sha
+        assert second.global_frame.round == 3
+        assert second.progress.acked_round == 3 and second.progress.trained_round == 3
+        h.pump(second)  # every retained message is replayed
+    assert second.model is model, "the model was downloaded again"
+    assert "loaded model" not in caplog.text and "global weights of round 3 received" not in caplog.text
+    assert len(h.coordinator.update_messages) == sent, "an acknowledged round was trained again"
+    assert h.coordinator.presence[CLIENT].status == "online"
+    assert sum(second.rejected.values()) == 0
+
+
+def test_restart_resends_the_pending_update_while_its_round_is_open(h):
+    first = h.client(max_resends=5)
+    h.bootstrap(round=3, deadline=T0 + 1000)
+    h.pump(first, until=lambda: h.coordinator.updates)
+    original = h.coordinator.updates[0]
+    per_send = len(h.coordinator.update_messages)
+    first.transport.drop()
+
+    h.clock.now += 5
+    second = h.client(max_resends=5)
+    assert second.progress.pending is not None
+    h.pump(second, until=lambda: len(h.coordinator.update_messages) == 2 * per_send)
+    sends = _sends(h, per_send)
+    assert sends[1] == sends[0] and b"".join(split(original, UPDATE_CHUNK)) == sends[1]
+    assert second.updates_sent == 1 and second.progress.trained_round == 3
+    h.coordinator.ack(3, "duplicate")
+    h.pump(second, until=lambda: second.progress.pending is None)
+    assert second.progress.acked_round == 3
+
+
+def test_restart_after_the_round_closed_sends_nothing(h):
+    first = h.client()
+    h.bootstrap(round=3, deadline=T0 + 50)
+    h.pump(first, until=lambda: h.coordinator.updates)
+    first.transport.drop()
+    sent = len(h.coordinator.update_messages)
+    h.clock.now = T0 + 60
+    second = h.client()
+    h.pump(second)
+    assert len(h.coordinator.update_messages) == sent
+
+
+def test_a_damaged_state_directory_is_ignored(h):
+    first = h.client()
+    h.bootstrap(round=3)
+    h.pump(first, until=lambda: h.coordinator.updates)
+    first.transport.drop()
+    state = h.tmp_path / "state"
+    model = state / "model.tflite"
+    model.write_bytes(model.read_bytes()[:1000])  # a write cut short by a power loss
+    (state / "global.bin").write_bytes(b"LFWT")
+    second = h.client()
+    assert second.model is None and second.global_frame is None
+    h.pump(second, until=lambda: second.global_frame is not None)
+    assert second.model_sha256 == h.coordinator.sha
+    assert sha256_hex(model.read_bytes()) == h.coordinator.sha
+
+
+# -- presence and lifecycle --------------------------------------------------------------
+
+
+def test_presence_online_then_offline_on_close(h):
+    client = h.client()
+    h.coordinator.drain()
+    assert h.coordinator.presence[CLIENT] == Presence("online", NUM_EXAMPLES, "0.1.0")
+    client.close()
+    client.close()  # idempotent
+    h.coordinator.drain()
+    assert h.coordinator.presence[CLIENT].status == "offline"
+    assert Presence.from_bytes(h.broker.retained[Topics().presence(CLIENT)].payload).status == "offline"
+
+
+def test_presence_is_published_again_after_a_reconnection(h):
+    client = h.client()
+    client.transport.drop()
+    h.coordinator.drain()
+    assert h.coordinator.presence[CLIENT].status == "offline"
+    client.step(0)
+    client.transport.connect()
+    client.step(0)
+    h.coordinator.drain()
+    assert h.coordinator.presence[CLIENT].status == "online"
+
+
+def test_run_stops_after_max_rounds(h):
+    import threading
+
+    client = h.client(start=False)
+    h.bootstrap(round=3)
+    stop = threading.Event()
+    result: list[int] = []
+    worker = threading.Thread(target=lambda: result.append(client.run(stop, max_rounds=1)), daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while not h.coordinator.updates and time.monotonic() < deadline:
+        h.coordinator.drain()
+        time.sleep(0.01)
+    h.coordinator.ack(3, "accepted")
+    worker.join(10)
+    stop.set()
+    assert not worker.is_alive() and result == [1]
+
+
+def test_run_returns_when_stopped(h):
+    import threading
+
+    client = h.client()
+    stop = threading.Event()
+    stop.set()
+    assert client.run(stop) == 0
+
+
+def test_last_will_is_retained_offline_presence(tmp_path):
+    config = make_config(tmp_path, federation="farm", topic_prefix="acme")
+    will = last_will(config)
+    assert will == Message("acme/farm/presence/pi-1", will.payload, retain=True)
+    assert Presence.from_bytes(will.payload).status == "offline"
+
+
+def test_step_before_start_is_an_error(h):
+    client = h.client(start=False)
+    with pytest.raises(RuntimeError):
+        client.step(0)
+
+
+def test_data_that_does_not_fit_the_model_means_no_training(h, caplog):
+    x = np.zeros((10, 5), np.float32)  # the model takes 8 features
+    client = h.client(dataset=(x, np.zeros(10, np.float32)))
+    with caplog.at_level(logging.ERROR, logger="edge_client.client"):
+        h.bootstrap(round=3)
+        h.pump(client)
+    assert h.coordinator.update_messages == []
+    assert "does not fit" in caplog.text
+    assert h.coordinator.presence[CLIENT].num_examples == 0
+
+
+def test_dataclass_config_is_frozen(tmp_path):
+    config = make_config(tmp_path)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.client_id = "x"  # type: ignore[misc]
+
+
+IMPORTS_WITHOUT_TENSORFLOW = """
+import json
+import sys
+
+import edge_client.cli
+import edge_client.client
+import edge_client.config
+import edge_client.state
+
+prefixes = ("tensorflow", "keras", "tf_keras", "converter", "coordinator", "paho")
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in prefixes)))
+"""
+
+
+def test_the_client_imports_no_tensorflow_converter_coordinator_or_paho(run_without_tensorflow):
+    """paho comes in only through edge_client.mqtt, which cli.make_transport imports when it runs."""
+    from tests.helpers import json_output
+
+    assert json_output(run_without_tensorflow(IMPORTS_WITHOUT_TENSORFLOW)) == []
