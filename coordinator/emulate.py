@@ -238,3 +238,7 @@ def _emulate(args: argparse.Namespace, stop: threading.Event, make_transport) ->
         plot_rounds({f"{args.clients} clients, {args.partition}": records}, out / "metrics.png", "litefed emulation")
     print(summarize(history, started, out))
     return 0 if history else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,6 +27,7 @@ class RoundMetrics:
     test_loss: float | None = None
     test_accuracy: float | None = None
     round_seconds: float = 0.0
+    slowest_client_seconds: float | None = None  # longest local training reported by a client
     aggregate_seconds: float = 0.0
     evaluate_seconds: float = 0.0
 

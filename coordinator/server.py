@@ -163,15 +163,18 @@ class Coordinator:
         return metrics
 
     def _announce(self, attempt: int) -> None:
+        self._drain()  # select from the freshest presence state
         open_ = self._open
         available = sorted(c for c in self._eligible() if c not in open_.accepted)
         chosen, round_config = self.strategy.configure_round(open_.number, available, self._rng)
         open_.selected |= set(chosen)
         open_.deadline = self._clock() + self.config.round_timeout
         open_.metrics.clients_selected = len(open_.selected)
+        # "selected" asks for an update: clients already accepted this round are not asked again,
+        # while a restarted coordinator asks everyone (clients resend what it lost).
         announcement = RoundAnnouncement(
             open_.number,
-            tuple(sorted(open_.selected)),
+            tuple(sorted(open_.selected - open_.accepted)),
             open_.deadline,
             self.model_sha256,
             round_config.epochs,
@@ -246,18 +249,26 @@ class Coordinator:
         return True
 
     # -- messages -------------------------------------------------------------
-    def _poll(self, timeout: float) -> None:
+    def _drain(self, limit: int = 10_000) -> None:
+        """Handle what is already queued, without waiting."""
+        for _ in range(limit):
+            if not self._poll(0.0):
+                return
+
+    def _poll(self, timeout: float) -> bool:
+        """Handle at most one message; False if none came within ``timeout``."""
         message = self.transport.receive(timeout=max(timeout, 0.0))
         if message is None:
-            return
+            return False
         self._bytes_in += len(message.payload)
         client = self.topics.client_of(message.topic)
         if client is None:
-            return
+            return True
         if message.topic == self.topics.presence(client):
             self._on_presence(client, message)
         else:
             self._on_update_chunk(client, message)
+        return True
 
     def _on_presence(self, client: str, message: Message) -> None:
         if not message.payload:  # retained presence cleared
@@ -316,6 +327,9 @@ class Coordinator:
         for key in ("loss", "accuracy"):
             if key in frame.metrics:
                 open_.weighted[key] = open_.weighted.get(key, 0.0) + frame.num_examples * frame.metrics[key]
+        if "train_seconds" in frame.metrics:
+            slowest = open_.metrics.slowest_client_seconds or 0.0
+            open_.metrics.slowest_client_seconds = max(slowest, frame.metrics["train_seconds"])
         self._ack(client, Ack(open_.number, "accepted"))
         log.info(
             "round %d: update from %s accepted (%d/%d)", open_.number, client, len(open_.accepted), len(open_.selected)

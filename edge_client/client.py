@@ -123,6 +123,9 @@ class EdgeClient:
         self.rejected: Counter[str] = Counter()
         self.updates_sent = 0  # update transmissions, resends included
         self._settled: set[int] = set()  # rounds trained here whose outcome is known
+        # The last acknowledged update, kept until a newer round: a coordinator restarted
+        # mid-round has lost it and asks for it again by selecting this client once more.
+        self._answered: _Upload | None = None
         self._reassembler = Reassembler(max_pending=MAX_PENDING_TRANSFER_BYTES)
         self._rng = np.random.default_rng(config.seed)
         self._chunk_size = config.max_chunk
@@ -466,6 +469,17 @@ class EdgeClient:
             )
         if self._upload is not None and self._upload.round < ann.round:
             self._abandon_upload(f"round {ann.round} was announced")
+        answered = self._answered
+        asked_again = (
+            selected
+            and self._upload is None
+            and answered is not None
+            and (answered.round, answered.model_sha256) == (ann.round, ann.model_sha256)
+        )
+        if asked_again:
+            log.info("round %d: asked again for the update already acknowledged; sending it again", ann.round)
+            answered.deadline, answered.exhausted = None, False  # a fresh allowance of sends
+            self._upload, self._answered = answered, None
 
     def _wait(self, reason: str, level: int = logging.INFO) -> None:
         """Log why the announced round is not being trained, once per reason."""
@@ -530,7 +544,8 @@ class EdgeClient:
         delta = []
         for (name, trained), (_, start) in zip(local, self.global_frame.tensors, strict=True):
             delta.append(NamedArray(name, np.asarray(trained, np.float32) - np.asarray(start, np.float32)))
-        metrics_out = {"loss": float(np.mean(losses))}
+        # train_seconds lets the coordinator tell slow boards from protocol overhead.
+        metrics_out = {"loss": float(np.mean(losses)), "train_seconds": elapsed}
         if accuracies:
             metrics_out["accuracy"] = float(np.mean(accuracies))
         if not all(np.isfinite(v) for v in metrics_out.values()) or not all(np.isfinite(d.array).all() for d in delta):
@@ -638,6 +653,7 @@ class EdgeClient:
         if ack.status in ("accepted", "duplicate"):
             log.info("round %d: update %s by the coordinator", up.round, ack.status)
             self.progress = replace(self.progress, acked_round=up.round, pending=None)
+            self._answered = up
         else:
             log.warning(
                 "round %d: the coordinator%s rejected the update: %s",

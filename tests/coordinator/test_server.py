@@ -91,7 +91,7 @@ def _update(tabular, client: str, round_: int, delta, n: int, **changes) -> Fram
         tensors=delta,
         client_id=client,
         num_examples=n,
-        metrics={"loss": 0.5, "accuracy": 0.75},
+        metrics={"loss": 0.5, "accuracy": 0.75, "train_seconds": n / 100},
     )
     fields.update(changes)
     return Frame(**fields)
@@ -184,6 +184,7 @@ def test_a_round_is_weighted_fedavg_of_the_deltas(tabular, model_path, tmp_path)
     assert line["num_examples"] == 100 and line["train_loss"] == pytest.approx(0.5)
     assert line["bytes_in"] > sum(len(encode_frame(_update(tabular, "x", 1, d, 1))) for d in deltas) * 0.9
     assert line["bytes_out"] > 0 and line["clients_rejected"] == 0
+    assert line["slowest_client_seconds"] == pytest.approx(0.6)  # the 60-example client's train_seconds
     checkpoint = load_checkpoint(tmp_path / "ckpt", sha256_hex(tabular.tflite))
     assert checkpoint.completed_round == 1
     for c, g in zip(checkpoint.weights, got, strict=True):
@@ -294,7 +295,8 @@ def test_too_few_updates_retries_with_more_clients(tabular, model_path, tmp_path
     assert running.join() is None
     metrics = running.coordinator.history[0]
     assert metrics.attempts == 2 and metrics.clients_answered == 2
-    assert set(fresh.rounds[-1].selected) == {"pi-0", "pi-1", "pi-2"}
+    # The retry asks only clients without an accepted update; the round still counts all three.
+    assert set(fresh.rounds[-1].selected) == {"pi-1", "pi-2"} and metrics.clients_selected == 3
     assert first.acks == [Ack(1, "accepted")]  # its update was kept, not asked for again
 
 

@@ -207,7 +207,8 @@ def test_client_downloads_model_trains_and_sends_a_valid_update(h):
     assert (frame.kind, frame.round, frame.client_id, frame.codec) == ("update", 3, CLIENT, "float32")
     assert frame.model_sha256 == h.coordinator.sha
     assert frame.num_examples == NUM_EXAMPLES
-    assert set(frame.metrics) == {"loss", "accuracy"}
+    assert set(frame.metrics) == {"loss", "accuracy", "train_seconds"}
+    assert frame.metrics["train_seconds"] > 0
     assert all(np.isfinite(v) for v in frame.metrics.values()) and 0 <= frame.metrics["accuracy"] <= 1
     # delta = trained - global: the global weights plus the delta are the client's trained weights.
     trained = client.model.get_weights()
@@ -374,6 +375,23 @@ def test_an_ack_stops_the_resends(h, status):
         h.pump(client)
     assert len(_sends(h, per_send)) == 2
     assert client.progress.pending is None and client.rounds_completed == 1
+
+
+def test_asked_again_after_an_ack_it_resends_without_retraining(h):
+    """A coordinator restarted mid-round lost the acknowledged update and selects the client again."""
+    client = h.client(max_resends=5)
+    h.bootstrap(round=3, deadline=T0 + 1000)
+    h.pump(client, until=lambda: h.coordinator.updates)
+    per_send = len(h.coordinator.update_messages)
+    h.coordinator.ack(3, "accepted")
+    h.pump(client, until=lambda: client.progress.acked_round == 3)
+    h.coordinator.announce(3, deadline=T0 + 2000)  # same round, new announcement
+    h.pump(client, until=lambda: len(h.coordinator.update_messages) == 2 * per_send)
+    first, again = _sends(h, per_send)
+    assert first == again, "the lost update is sent again as it was, not retrained"
+    h.coordinator.announce(3, selected=("someone-else",), deadline=T0 + 3000)
+    h.pump(client)
+    assert len(_sends(h, per_send)) == 2, "not asked, nothing sent"
 
 
 def test_a_rejection_is_logged_and_ends_the_round(h, caplog):
