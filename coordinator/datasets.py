@@ -7,6 +7,7 @@ emulation run offline on a fresh machine.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -43,12 +44,34 @@ def load_bundled_mnist() -> Dataset:
         return _read_npz(f)
 
 
-def load_mnist(path: str | Path) -> Dataset:
-    """Full MNIST from a file in Keras' ``mnist.npz`` format."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"MNIST file {path} not found (expected Keras' mnist.npz format)")
-    return _read_npz(path)
+def keras_cache_path() -> Path:
+    """Where Keras keeps ``mnist.npz`` (``$KERAS_HOME`` or ``~/.keras``)."""
+    return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "datasets" / "mnist.npz"
+
+
+def load_mnist(path: str | Path | None = None) -> Dataset:
+    """Full MNIST in Keras' ``mnist.npz`` format.
+
+    From ``path`` when given; else from the Keras cache; else downloaded
+    through Keras (needs TensorFlow and a network, and fills the cache).
+    """
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"MNIST file {path} not found (expected Keras' mnist.npz format)")
+        return _read_npz(path)
+    cached = keras_cache_path()
+    if cached.is_file():
+        return _read_npz(cached)
+    try:
+        import keras
+    except ImportError as exc:
+        raise FileNotFoundError(
+            f"MNIST is not in the Keras cache ({cached}) and Keras is not installed to download it; "
+            "pass the path of an mnist.npz, or use the bundled subset (mnist-small)"
+        ) from exc
+    (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
+    return Dataset(x_train, y_train, x_test, y_test)
 
 
 def to_model_input(images: np.ndarray) -> np.ndarray:
@@ -59,12 +82,13 @@ def to_model_input(images: np.ndarray) -> np.ndarray:
 def load_test_set(spec: str, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
     """A held-out set for server-side evaluation, shaped for ``manifest``.
 
-    ``spec`` is ``mnist-small`` (the bundled test split), or an ``.npz`` file
+    ``spec`` is ``mnist-small`` (the bundled test split), ``mnist`` (the full
+    test split, see :func:`load_mnist`), or an ``.npz`` file
     with ``x``/``y`` or ``x_test``/``y_test`` arrays. uint8 inputs are
     scaled to [0, 1], as the training data of the bundled models is.
     """
-    if spec == "mnist-small":
-        data = load_bundled_mnist()
+    if spec in ("mnist-small", "mnist"):
+        data = load_bundled_mnist() if spec == "mnist-small" else load_mnist()
         x, y = data.x_test, data.y_test
     else:
         path = Path(spec)

@@ -58,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", type=parse_partition, default="iid", help="iid, dirichlet:ALPHA or shards:K")
     p.add_argument("--out", type=Path, default=Path("runs/emulation"), help="output directory (default %(default)s)")
     p.add_argument("--model", type=Path, help="converted model (default: the built-in MNIST CNN)")
-    p.add_argument("--data", default="mnist-small", help="training data: mnist-small (bundled) or an .npz file")
+    p.add_argument(
+        "--data",
+        default="mnist-small",
+        help="training data: mnist-small (bundled), mnist (full; Keras cache or download), or an .npz file",
+    )
     p.add_argument("--test-data", help="held-out set (default: the test split of --data, when it has one)")
     p.add_argument("--broker", default="auto", help="auto, mosquitto, amqtt, or the URL of a running broker")
     add_round_arguments(p, min_available=None, min_fit=None)
@@ -67,12 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_training_data(spec: str, manifest):
     """(x, y) for training and the test spec to evaluate on, from --data."""
-    from coordinator.datasets import load_bundled_mnist
+    from coordinator.datasets import load_bundled_mnist, load_mnist
     from edge_client.data import prepare_for_model
 
-    if spec == "mnist-small":
-        data = load_bundled_mnist()
-        x, y, test = data.x_train, data.y_train, "mnist-small"
+    if spec in ("mnist-small", "mnist"):
+        data = load_bundled_mnist() if spec == "mnist-small" else load_mnist()
+        x, y, test = data.x_train, data.y_train, spec
     else:
         with np.load(spec, allow_pickle=False) as archive:
             keys = ("x_train", "y_train") if "x_train" in archive.files else ("x", "y")

@@ -16,6 +16,7 @@ def plot_rounds(runs: Mapping[str, Sequence[dict]], out: Path, title: str = "") 
 
     matplotlib.use("Agg")  # files only: no display on servers and boards
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     for index, (label, records) in enumerate(runs.items()):
@@ -39,6 +40,7 @@ def plot_rounds(runs: Mapping[str, Sequence[dict]], out: Path, title: str = "") 
     acc_ax.set(xlabel="round", ylabel="test accuracy", title="Test accuracy")
     loss_ax.set(xlabel="round", ylabel="loss", title="Loss")
     for ax in (acc_ax, loss_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize="small")

@@ -331,7 +331,7 @@ class Coordinator:
             slowest = open_.metrics.slowest_client_seconds or 0.0
             open_.metrics.slowest_client_seconds = max(slowest, frame.metrics["train_seconds"])
         self._ack(client, Ack(open_.number, "accepted"))
-        log.info(
+        log.debug(
             "round %d: update from %s accepted (%d/%d)", open_.number, client, len(open_.accepted), len(open_.selected)
         )
 
