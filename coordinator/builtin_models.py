@@ -26,11 +26,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "litefed" / "models"
 
 
-def builtin_model(name: str = "mnist_cnn", batch_size: int = 32) -> Path:
+def builtin_model(name: str = "mnist_cnn", batch_size: int = 32, cache: Path | None = None) -> Path:
     """Path of the converted built-in model ``name`` (converting it if not cached)."""
     if name not in BUILTIN:
         raise ValueError(f"unknown built-in model {name!r}; choose one of {sorted(BUILTIN)}")
-    path = cache_dir() / f"{name}-b{batch_size}-v{__version__}.tflite"
+    path = (cache or cache_dir()) / f"{name}-b{batch_size}-v{__version__}.tflite"
     try:
         load_manifest(manifest_path_for(path))
         if path.is_file():

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from coordinator.builtin_models import builtin_model
 from coordinator.emulate import start_clients, stop_clients, write_client_files
 from coordinator.metrics import read_jsonl
 from coordinator.server import Coordinator, CoordinatorConfig
@@ -29,7 +30,7 @@ from coordinator.strategy import FedAvg, RoundConfig
 from edge_client.messages import Presence
 from edge_client.mqtt import MqttTransport
 from edge_client.topics import Topics
-from tests.helpers import REPO_ROOT, separable_binary_data
+from tests.helpers import BLOCK_TENSORFLOW, REPO_ROOT, separable_binary_data
 
 pytestmark = pytest.mark.integration
 
@@ -40,17 +41,33 @@ ACCURACY_THRESHOLD = 0.90
 
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
-    """One conversion of the built-in MNIST CNN for every emulation in the session."""
-    return tmp_path_factory.mktemp("litefed-cache")
+    """The built-in MNIST CNN converted once, here, where TensorFlow is allowed."""
+    cache = tmp_path_factory.mktemp("litefed-cache")
+    builtin_model("mnist_cnn", 32, cache=cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def without_tensorflow(tmp_path_factory) -> Path:
+    """A directory whose ``sitecustomize.py`` makes TensorFlow unimportable in every
+    Python process started with it on ``PYTHONPATH``: the coordinator and each client."""
+    directory = tmp_path_factory.mktemp("no-tensorflow")
+    (directory / "sitecustomize.py").write_text(BLOCK_TENSORFLOW)
+    return directory
 
 
 @pytest.mark.parametrize("broker", ["mosquitto", "amqtt"])
-def test_emulation_reaches_the_stated_accuracy(broker, model_cache, tmp_path):
+def test_emulation_reaches_the_stated_accuracy(broker, model_cache, without_tensorflow, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "coordinator.emulate", "--clients", "4", "--rounds", "3", "--epochs", "2",
            "--lr", "0.05", "--partition", "iid", "--broker", broker, "--round-timeout", "120",
            "--out", str(out), "--no-progress"]  # fmt: skip
-    env = {**os.environ, "LITEFED_CACHE": str(model_cache)}
+    # No process of the federation may need TensorFlow: every one starts with the blocker.
+    pythonpath = os.pathsep.join([str(without_tensorflow), str(REPO_ROOT)])
+    env = {**os.environ, "LITEFED_CACHE": str(model_cache), "PYTHONPATH": pythonpath}
+    probe = [sys.executable, "-c", "import tensorflow"]
+    blocked = subprocess.run(probe, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert blocked.returncode != 0 and "blocked" in blocked.stderr, "the TensorFlow blocker is not active"
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = read_jsonl(out / "metrics.jsonl")
