@@ -11,9 +11,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from edge_client.config import DATA_KINDS, ClientConfig, load_config, parse_data_spec, redact_url
+from edge_client.config import DATA_KINDS, ClientConfig, load_config, parse_data_spec
 from edge_client.errors import BrokerUrlError, ConfigError, DataError, EdgeClientError, StateError
-from edge_client.transport import Message, Transport
+from edge_client.transport import Message, Transport, redact_url
 
 log = logging.getLogger("edge_client.cli")
 

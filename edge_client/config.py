@@ -56,6 +56,7 @@ from urllib.parse import urlsplit
 from edge_client.chunks import DEFAULT_MAX_CHUNK, HEADER_SIZE
 from edge_client.errors import ConfigError
 from edge_client.topics import Topics, check_name
+from edge_client.transport import redact_url
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -119,15 +120,6 @@ def check_broker_url(url: Any, name: str = "broker_url") -> str:
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise _fail(name, f"{redact_url(url)!r} must not have a path, query or fragment; {hint}")
     return url
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, for logs and messages."""
-    head, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in userinfo:
-        return url
-    return f"{head}://{userinfo.split(':', 1)[0]}:***@{host}"
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from edge_client.transport import (
     MessageQueue,
     check_pattern,
     check_topic,
+    redact_url,
 )
 
 log = logging.getLogger(__name__)
@@ -118,20 +119,20 @@ class BrokerUrl:
         scheme = parts.scheme.lower()
         if scheme not in DEFAULT_PORTS:
             raise BrokerUrlError(
-                f"broker URL {_redact(url)!r} has scheme {parts.scheme!r}; "
+                f"broker URL {redact_url(url)!r} has scheme {parts.scheme!r}; "
                 "use mqtt:// (plain TCP, port 1883) or mqtts:// (TLS, port 8883)"
             )
         if parts.path not in ("", "/") or parts.query or parts.fragment:
             raise BrokerUrlError(
-                f"broker URL {_redact(url)!r} must not have a path, query or fragment; "
+                f"broker URL {redact_url(url)!r} must not have a path, query or fragment; "
                 "pass TLS files as ca_file=, cert_file=, key_file="
             )
         try:
             port = parts.port
         except ValueError as exc:
-            raise BrokerUrlError(f"broker URL {_redact(url)!r} has an invalid port ({exc}); {hint}") from exc
+            raise BrokerUrlError(f"broker URL {redact_url(url)!r} has an invalid port ({exc}); {hint}") from exc
         if not parts.hostname:
-            raise BrokerUrlError(f"broker URL {_redact(url)!r} has no host; {hint}")
+            raise BrokerUrlError(f"broker URL {redact_url(url)!r} has no host; {hint}")
         return cls(
             host=parts.hostname,
             port=DEFAULT_PORTS[scheme] if port is None else port,
@@ -150,15 +151,6 @@ class BrokerUrl:
             user = self.username + (":***" if self.password is not None else "") + "@"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{scheme}://{user}{host}:{self.port}"
-
-
-def _redact(url: str) -> str:
-    """``url`` with the password replaced by ``***``, for error messages."""
-    head, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in userinfo:
-        return url
-    return f"{head}://{userinfo.split(':', 1)[0]}:***@{host}"
 
 
 # -- reconnection --------------------------------------------------------------------

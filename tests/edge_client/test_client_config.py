@@ -15,11 +15,11 @@ import pytest
 from edge_client import cli
 from edge_client import config as config_module
 from edge_client.chunks import DEFAULT_MAX_CHUNK
-from edge_client.config import ClientConfig, DataSourceConfig, load_config, parse_data_spec, redact_url, tomllib
+from edge_client.config import ClientConfig, DataSourceConfig, load_config, parse_data_spec, tomllib
 from edge_client.errors import BrokerUnavailable, ConfigError
 from edge_client.messages import Presence
 from edge_client.topics import Topics
-from edge_client.transport import InMemoryBroker, InMemoryTransport
+from edge_client.transport import InMemoryBroker, InMemoryTransport, redact_url
 
 
 def write(tmp_path: Path, text: str, name: str = "client.toml") -> Path:
