@@ -350,10 +350,11 @@ class Coordinator:
     def _publish_chunked(self, family: str, topic_for: Callable[[int], str], payload: bytes) -> int:
         """Publish ``payload`` as retained chunks; clear retained chunks left from a longer payload."""
         chunks = split(payload, self.config.max_chunk)
-        for index, chunk in enumerate(chunks):
-            self._publish(topic_for(index), chunk, retain=True)
-        for index in range(len(chunks), self._published_chunks.get(family, 0)):
-            self._publish(topic_for(index), b"", retain=True)
+        stale = range(len(chunks), self._published_chunks.get(family, 0))
+        messages = [Message(topic_for(i), chunk, retain=True) for i, chunk in enumerate(chunks)]
+        messages += [Message(topic_for(i), b"", retain=True) for i in stale]
+        self.transport.publish_many(messages)
+        self._bytes_out += sum(len(m.payload) for m in messages)
         self._published_chunks[family] = len(chunks)
         return len(chunks)
 

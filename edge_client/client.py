@@ -623,8 +623,7 @@ class EdgeClient:
             up.chunks = split(up.payload, self._chunk_size)
         topic = self.topics.update(self.client_id)
         try:
-            for chunk in up.chunks:
-                self.transport.publish(topic, chunk)
+            self.transport.publish_many([Message(topic, chunk) for chunk in up.chunks])
         except (TransportError, OSError, ValueError) as exc:
             log.warning(
                 "round %d: sending the update failed (%s); retrying in %.0f s", up.round, exc, self.config.ack_timeout

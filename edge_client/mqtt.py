@@ -22,6 +22,8 @@ import random
 import ssl
 import threading
 import time
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -58,6 +60,8 @@ PROTOCOLS = {"3.1.1": paho.MQTTv311, "5": paho.MQTTv5}
 # paho keeps every QoS 1 message until its PUBACK and resends it after a
 # reconnection; cap that store so a long outage cannot exhaust a board's RAM.
 MAX_UNACKED_PUBLISHES = 64
+# Messages publish_many keeps in flight: well under paho's queue cap above.
+PUBLISH_WINDOW = 32
 # CONNACK reason codes that mean "your credentials or certificate": retrying will not help.
 _AUTH_REFUSALS = {134, 135, 138, 140}  # bad user name or password, not authorized, banned, bad auth method
 
@@ -434,20 +438,40 @@ class MqttTransport:
         Waits up to ``timeout`` (default ``ack_timeout``) for a lost connection
         to come back before giving up.
         """
-        check_topic(topic)
-        if len(payload) > self.max_payload:
-            raise PayloadTooLarge(
-                f"payload of {len(payload)} bytes on {topic} exceeds max_payload={self.max_payload} bytes of "
-                f"{self.url}; split it with edge_client.chunks first"
-            )
+        self.publish_many([Message(topic, payload, retain)], timeout=timeout)
+
+    def publish_many(self, messages: Sequence[Message], *, timeout: float | None = None) -> None:
+        """Publish several messages (e.g. the chunks of one payload) with QoS 1 and wait for every PUBACK.
+
+        Up to ``PUBLISH_WINDOW`` messages are in flight at once, so a transfer
+        costs about one round trip per window instead of one per chunk (a
+        6.8 MB model is 71 chunks: 3.5 s of waiting on a 50 ms link otherwise).
+        ``timeout`` (default ``ack_timeout``) bounds the wait for each PUBACK.
+        """
+        for message in messages:
+            check_topic(message.topic)
+            if len(message.payload) > self.max_payload:
+                raise PayloadTooLarge(
+                    f"payload of {len(message.payload)} bytes on {message.topic} exceeds max_payload="
+                    f"{self.max_payload} bytes of {self.url}; split it with edge_client.chunks first"
+                )
         timeout = self.ack_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
+        in_flight: deque[tuple[str, paho.MQTTMessageInfo]] = deque()
+        for message in messages:
+            if len(in_flight) >= PUBLISH_WINDOW:
+                self._await_puback(*in_flight.popleft(), timeout)
+            in_flight.append((message.topic, self._submit(message, timeout)))
+        while in_flight:
+            self._await_puback(*in_flight.popleft(), timeout)
+
+    def _submit(self, message: Message, timeout: float) -> paho.MQTTMessageInfo:
+        topic = message.topic
         if not self.wait_connected(timeout):
             raise PublishFailed(
                 f"not connected to the MQTT broker at {self.url} (reconnecting); the message on {topic} was not "
                 "sent. Retry later"
             )
-        info = self._client.publish(topic, payload, qos=QOS, retain=retain)
+        info = self._client.publish(topic, message.payload, qos=QOS, retain=message.retain)
         if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
             raise PublishFailed(
                 f"{MAX_UNACKED_PUBLISHES} messages to {self.url} are still waiting for their PUBACK; "
@@ -460,8 +484,11 @@ class MqttTransport:
             )
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise PublishFailed(f"publishing on {topic} to {self.url} failed: {paho.error_string(info.rc)}")
+        return info
+
+    def _await_puback(self, topic: str, info: paho.MQTTMessageInfo, timeout: float) -> None:
         try:
-            info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+            info.wait_for_publish(timeout)
             published = info.is_published()
         except (RuntimeError, ValueError) as exc:
             raise PublishFailed(f"publishing on {topic} to {self.url} failed: {exc}; retry") from exc

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -80,6 +81,10 @@ class Transport(Protocol):
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """Send one message; return once the broker has it, else raise :class:`PublishFailed`."""
+        ...
+
+    def publish_many(self, messages: Sequence[Message]) -> None:
+        """Send several messages in order (the chunks of one payload); return once the broker has them all."""
         ...
 
     def receive(self, timeout: float | None) -> Message | None:
@@ -412,6 +417,10 @@ class InMemoryTransport:
         if not self._connected:
             raise PublishFailed(f"{self.client_id!r} is not connected to the in-memory broker; connect() first")
         self.broker.publish(Message(topic, bytes(payload), retain))
+
+    def publish_many(self, messages: Sequence[Message]) -> None:
+        for message in messages:
+            self.publish(message.topic, message.payload, retain=message.retain)
 
     def receive(self, timeout: float | None) -> Message | None:
         return self._queue.get(timeout)

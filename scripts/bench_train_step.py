@@ -66,16 +66,16 @@ if _is_litert_worker(sys.argv):
 # ---------------------------------------------------------------------------
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import resource
 import shlex
 import statistics
 import subprocess
 import time
 from pathlib import Path
+
+from benchlib import machine, package_versions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -325,30 +325,6 @@ def _summarize(runs: list[dict]) -> dict:
     }
 
 
-def _versions() -> dict:
-    # Imported here, not at module level: it pulls in email, csv & co., which
-    # would inflate the edge worker's RSS with modules a board never loads.
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("numpy", "ai-edge-litert", "tensorflow-cpu", "tensorflow", "keras"):
-        with contextlib.suppress(PackageNotFoundError):
-            out[pkg] = version(pkg)
-    return out
-
-
-def _machine() -> dict:
-    model_name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model_name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"nproc": os.cpu_count(), "cpu_model": model_name, "platform": platform.platform()}
-
-
 def run_parent(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -385,8 +361,8 @@ def run_parent(args) -> dict:
     results = {
         "command": command,
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": _machine(),
-        "versions": _versions(),
+        "machine": machine(),
+        "versions": package_versions("numpy", "ai-edge-litert", "tensorflow-cpu", "tensorflow", "keras"),
         "config": {
             "model": f"converter.zoo:{MODEL_NAME}",
             "params": conversion["params"],

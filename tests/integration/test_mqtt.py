@@ -66,6 +66,22 @@ def test_round_trip_with_wildcards_and_binary_payloads(broker_url, mqtt_client, 
     assert sub.connected and sub.dropped_messages == 0
 
 
+def test_publish_many_delivers_a_long_transfer_in_order(broker_url, mqtt_client, prefix):
+    """More chunks than the in-flight window and than paho's queue cap, each acknowledged."""
+    sub = mqtt_client(broker_url, "sub")
+    pub = mqtt_client(broker_url, "pub")
+    sub.subscribe(f"{prefix}/bulk")
+    payloads = [i.to_bytes(4, "little") * 2000 for i in range(100)]
+    pub.publish_many([Message(f"{prefix}/bulk", p) for p in payloads])
+    got = []
+    end = time.monotonic() + 20
+    while len(got) < len(payloads) and time.monotonic() < end:
+        message = sub.receive(timeout=0.5)
+        if message is not None:
+            got.append(message.payload)
+    assert got == payloads
+
+
 def test_patterns_given_before_connect_are_active_when_connect_returns(broker_url, mqtt_client, prefix):
     pub = mqtt_client(broker_url, "pub")
     pub.publish(f"{prefix}/state", b"retained", retain=True)
