@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 DESCRIPTION = """\
@@ -84,16 +86,27 @@ def make_transport(url: str, client_id: str):
     return MqttTransport(url, client_id)
 
 
-def install_signal_handlers(stop: threading.Event) -> None:
-    """First Ctrl+C/SIGTERM: set ``stop`` (graceful); a second Ctrl+C interrupts at once."""
+@contextlib.contextmanager
+def signal_handlers(stop: threading.Event) -> Iterator[None]:
+    """First Ctrl+C/SIGTERM: set ``stop`` (graceful); a second Ctrl+C interrupts at once.
+
+    The previous handlers come back on exit, so in-process callers (tests,
+    notebooks) keep theirs.
+    """
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def first(signum, frame):
         logging.getLogger("litefed").warning("stopping (press Ctrl+C again to stop at once)")
         stop.set()
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    signal.signal(signal.SIGINT, first)
-    signal.signal(signal.SIGTERM, first)
+    for sig in previous:
+        signal.signal(sig, first)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     from edge_client.errors import EdgeClientError
 
     stop = threading.Event()
-    install_signal_handlers(stop)
     try:
-        coordinator = build_coordinator(args, make_transport)
-        run_with_progress(coordinator, stop, progress=not args.no_progress)
+        with signal_handlers(stop):
+            coordinator = build_coordinator(args, make_transport)
+            run_with_progress(coordinator, stop, progress=not args.no_progress)
     except (CoordinatorError, EdgeClientError, FileNotFoundError) as exc:
         print(f"litefed-coordinator: error: {exc}", file=sys.stderr)
         return 1

@@ -175,7 +175,7 @@ def summarize(history, started: float, out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from coordinator.cli import install_signal_handlers, make_transport, setup_logging
+    from coordinator.cli import make_transport, setup_logging, signal_handlers
 
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
@@ -183,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         print("litefed-emulate: error: --clients must be at least 1", file=sys.stderr)
         return 2
     stop = threading.Event()
-    install_signal_handlers(stop)
     try:
-        return _emulate(args, stop, make_transport)
+        with signal_handlers(stop):
+            return _emulate(args, stop, make_transport)
     except KeyboardInterrupt:
         return 130
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 
 import pytest
@@ -29,7 +30,9 @@ def test_help_is_installed_and_explains_the_options(command, expected):
 
 
 def test_coordinator_reports_a_missing_model_and_exits_1(tmp_path, capsys):
+    before = signal.getsignal(signal.SIGINT)
     assert cli.main(["--model", str(tmp_path / "none.tflite"), "--out", str(tmp_path)]) == 1
+    assert signal.getsignal(signal.SIGINT) is before, "main() must give the caller its signal handler back"
     err = capsys.readouterr().err
     assert err.startswith("litefed-coordinator: error:") and "none.json" in err
 

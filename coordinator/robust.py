@@ -1,0 +1,233 @@
+"""Byzantine-robust aggregation for untrusted fleets.
+
+FedAvg's mean lets a single client move the global model arbitrarily far.
+The aggregators here bound what a minority of bad updates can do, at a
+price: they need **every** update of the round at once, so memory is
+O(clients x model) rather than the O(model) of
+:class:`~coordinator.aggregate.StreamingAverage`.
+
+Pure functions over ``(weights, num_examples)`` pairs:
+
+- :func:`coordinate_median` — element-wise median;
+- :func:`trimmed_mean` — element-wise mean after dropping the ``beta``
+  fraction of largest and of smallest values;
+- :func:`krum` — (multi-)Krum of Blanchard et al. 2017.
+
+Example counts are client-reported, so a Byzantine client could inflate
+them; the median and trimmed mean ignore them (plain, unweighted
+statistics), and Krum ignores them unless asked to weight the average of
+the selected updates. Counts are still validated (positive ints).
+
+Strategies :class:`FedMedian`, :class:`FedTrimmedAvg` and :class:`Krum`
+are :class:`~coordinator.strategy.FedAvg` (same selection and round
+config) whose aggregation buffers the round's deltas and returns
+``global + server_lr * robust(deltas)``.
+
+Math is float64; results come back in the clients' dtypes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from coordinator.aggregate import _check_finite, _check_num_examples, _check_same_layout, _layout_of, apply_delta
+from coordinator.errors import AggregationError, CoordinatorError
+from coordinator.strategy import Aggregation, ClientUpdate, FedAvg
+from edge_client.weights import NamedArray, TensorSpec, Weights
+
+__all__ = ["FedMedian", "FedTrimmedAvg", "Krum", "coordinate_median", "krum", "trimmed_mean"]
+
+Results = Sequence[tuple[Weights, int]]
+
+
+def coordinate_median(results: Results) -> Weights:
+    """Element-wise median of the updates (unweighted; mean of the two middle values for an even count).
+
+    Tolerates fewer than half the updates being arbitrary. Memory O(clients x model).
+    """
+    layout, stacks = _stack(results)
+    return _pack(layout, [np.median(stack, axis=0) for stack in stacks])
+
+
+def trimmed_mean(results: Results, beta: float) -> Weights:
+    """Element-wise mean after dropping, per coordinate, the ``floor(beta * n)`` largest and smallest values.
+
+    ``beta`` is in ``[0, 0.5)``; ``beta = 0`` is the unweighted mean. Raises
+    :class:`AggregationError` if ``beta`` would trim every value. Memory O(clients x model).
+    """
+    if isinstance(beta, bool) or not isinstance(beta, (int, float, np.floating)) or not 0 <= beta < 0.5:
+        raise AggregationError(f"beta must be a number in [0, 0.5), got {beta!r}")
+    layout, stacks = _stack(results)
+    n = len(results)
+    cut = math.floor(beta * n)
+    if n - 2 * cut < 1:  # unreachable for beta < 0.5, kept as a guard
+        raise AggregationError(f"trimming {cut} from each end of {n} updates leaves nothing; lower beta")
+    return _pack(layout, [np.sort(stack, axis=0)[cut : n - cut].mean(axis=0) for stack in stacks])
+
+
+def krum(results: Results, num_byzantine: int, multi: int = 1, weighted: bool = False) -> Weights:
+    """(Multi-)Krum of Blanchard et al. 2017, "Machine Learning with Adversaries".
+
+    Each update is flattened (all tensors concatenated). Its score is the
+    sum of squared Euclidean distances to its ``n - f - 2`` nearest other
+    updates, with ``f = num_byzantine``; Krum returns the update with the
+    lowest score. Multi-Krum (``multi = m > 1``) returns the mean of the
+    ``m`` lowest-scoring updates: plain by default, as in the multi-Krum
+    literature, or example-weighted with ``weighted=True`` (which trusts
+    the selected clients' counts). Ties go to the earlier update.
+
+    Needs ``n > 2f + 2`` updates and ``1 <= m <= n - f``; otherwise
+    :class:`AggregationError`. Memory O(clients x model), time O(n² x model).
+    """
+    if isinstance(num_byzantine, bool) or not isinstance(num_byzantine, (int, np.integer)) or num_byzantine < 0:
+        raise AggregationError(f"num_byzantine must be an int >= 0, got {num_byzantine!r}")
+    if isinstance(multi, bool) or not isinstance(multi, (int, np.integer)) or multi < 1:
+        raise AggregationError(f"multi must be an int >= 1, got {multi!r}")
+    if not results:
+        raise AggregationError("no client results to aggregate; wait for at least one update")
+    n, f = len(results), int(num_byzantine)
+    if n <= 2 * f + 2:
+        raise AggregationError(
+            f"Krum with num_byzantine={f} needs more than 2f + 2 = {2 * f + 2} updates, got {n}; "
+            f"wait for more clients (min_fit >= {2 * f + 3}) or lower num_byzantine"
+        )
+    if multi > n - f:
+        raise AggregationError(f"multi={multi} exceeds n - f = {n - f} updates that may be honest")
+    layout, stacks = _stack(results)
+    flat = np.concatenate([stack.reshape(n, -1) for stack in stacks], axis=1)
+    # Squared distances via explicit differences: exact enough, and no negative round-off as with the Gram trick.
+    distances = np.array([((flat - flat[i]) ** 2).sum(axis=1) for i in range(n)])
+    nearest = n - f - 2
+    scores = np.array([np.sort(np.delete(distances[i], i))[:nearest].sum() for i in range(n)])
+    chosen = np.argsort(scores, kind="stable")[:multi]
+    weights = np.array([results[i][1] for i in chosen], np.float64) if weighted else np.ones(len(chosen))
+    weights /= weights.sum()
+    return _pack(layout, [np.tensordot(weights, stack[chosen], axes=1) for stack in stacks])
+
+
+# -- strategies ------------------------------------------------------------------
+
+
+class _BufferedAggregation:
+    """Keeps every validated delta of the round; ``finish`` applies a robust function to them."""
+
+    def __init__(self, global_weights: Weights, server_lr: float, combine: Callable[[Results], Weights]):
+        self._global, self._server_lr, self._combine = global_weights, server_lr, combine
+        self._layout: tuple[TensorSpec, ...] | None = None
+        self._results: list[tuple[Weights, int]] = []
+
+    def add(self, update: ClientUpdate) -> None:
+        _check_num_examples(update.num_examples)
+        layout = _layout_of(update.delta)
+        if self._layout is not None:
+            _check_same_layout(layout, self._layout)
+        _check_finite(update.delta)
+        self._layout = layout
+        # Copy: the caller may reuse its buffers, and the round must see what was accepted.
+        self._results.append(([NamedArray(n, np.array(a)) for n, a in update.delta], int(update.num_examples)))
+
+    @property
+    def count(self) -> int:
+        return len(self._results)
+
+    def finish(self) -> Weights:
+        if not self._results:
+            raise CoordinatorError("no accepted update to aggregate")
+        return apply_delta(self._global, self._combine(self._results), self._server_lr)
+
+
+class FedMedian(FedAvg):
+    """FedAvg selection; new global = ``global + server_lr * coordinate_median(deltas)``.
+
+    Buffers the whole round: memory O(clients x model).
+    """
+
+    def begin_aggregation(self, server_round: int, global_weights: Weights) -> Aggregation:
+        return _BufferedAggregation(global_weights, self.server_lr, coordinate_median)
+
+
+class FedTrimmedAvg(FedAvg):
+    """FedAvg selection; new global = ``global + server_lr * trimmed_mean(deltas, beta)``.
+
+    Buffers the whole round: memory O(clients x model).
+    """
+
+    def __init__(self, beta: float = 0.2, **fedavg_kwargs: Any):
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 0.5:
+            raise CoordinatorError(f"beta must be a number in [0, 0.5), got {beta!r}")
+        super().__init__(**fedavg_kwargs)
+        self.beta = beta
+
+    def begin_aggregation(self, server_round: int, global_weights: Weights) -> Aggregation:
+        return _BufferedAggregation(global_weights, self.server_lr, lambda results: trimmed_mean(results, self.beta))
+
+
+class Krum(FedAvg):
+    """FedAvg selection; new global = ``global + server_lr * krum(deltas, num_byzantine, multi)``.
+
+    Krum needs more than ``2f + 2`` updates per round, so ``min_fit`` and
+    ``min_available`` default to ``2f + 3`` and may not be set lower.
+    Buffers the whole round: memory O(clients x model).
+    """
+
+    def __init__(
+        self,
+        num_byzantine: int = 1,
+        multi: int = 1,
+        weighted: bool = False,
+        min_fit: int | None = None,
+        min_available: int | None = None,
+        **fedavg_kwargs: Any,
+    ):
+        if isinstance(num_byzantine, bool) or not isinstance(num_byzantine, int) or num_byzantine < 0:
+            raise CoordinatorError(f"num_byzantine must be an int >= 0, got {num_byzantine!r}")
+        if isinstance(multi, bool) or not isinstance(multi, int) or multi < 1:
+            raise CoordinatorError(f"multi must be an int >= 1, got {multi!r}")
+        needed = 2 * num_byzantine + 3
+        min_fit = needed if min_fit is None else min_fit
+        min_available = max(min_fit, needed) if min_available is None else min_available
+        if min_fit < needed:
+            raise CoordinatorError(
+                f"Krum with num_byzantine={num_byzantine} needs min_fit >= 2f + 3 = {needed}, got {min_fit}"
+            )
+        super().__init__(min_fit=min_fit, min_available=min_available, **fedavg_kwargs)
+        self.num_byzantine, self.multi, self.weighted = num_byzantine, multi, weighted
+
+    def begin_aggregation(self, server_round: int, global_weights: Weights) -> Aggregation:
+        return _BufferedAggregation(
+            global_weights,
+            self.server_lr,
+            lambda results: krum(results, self.num_byzantine, self.multi, self.weighted),
+        )
+
+
+# -- helpers ---------------------------------------------------------------------
+
+
+def _stack(results: Results) -> tuple[tuple[TensorSpec, ...], list[np.ndarray]]:
+    """Validate ``results`` and stack each tensor over clients as float64, shape ``(n, *shape)``."""
+    if not results:
+        raise AggregationError("no client results to aggregate; wait for at least one update")
+    layout: tuple[TensorSpec, ...] | None = None
+    for i, (weights, num_examples) in enumerate(results):
+        try:
+            _check_num_examples(num_examples)
+            got = _layout_of(weights)
+            if layout is None:
+                layout = got
+            else:
+                _check_same_layout(got, layout)
+            _check_finite(weights)
+        except AggregationError as exc:
+            raise AggregationError(f"result {i}: {exc}") from exc
+    assert layout is not None
+    stacks = [np.stack([np.asarray(w[t].array, np.float64) for w, _ in results]) for t in range(len(layout))]
+    return layout, stacks
+
+
+def _pack(layout: tuple[TensorSpec, ...], arrays: list[np.ndarray]) -> Weights:
+    return [NamedArray(spec.name, np.asarray(a).astype(spec.dtype)) for spec, a in zip(layout, arrays, strict=True)]

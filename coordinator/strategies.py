@@ -1,0 +1,304 @@
+"""Server optimisers built on :class:`~coordinator.strategy.FedAvg`.
+
+Every strategy here selects clients and configures rounds exactly as
+:class:`FedAvg` does (it *is* a FedAvg subclass) and folds client deltas
+into the same :class:`~coordinator.aggregate.StreamingAverage`, so memory
+stays O(model). Only what happens to the averaged delta
+
+    Δ = Σ_k n_k Δ_k / Σ_k n_k
+
+differs: FedAvg applies ``server_lr * Δ``; the classes below treat ``-Δ``
+as a pseudo-gradient and feed it to a server optimiser whose state lives in
+the strategy object, persists across rounds, and can be saved with
+:meth:`state_dict` and restored with :meth:`load_state_dict`.
+
+Math is float64 throughout (Δ is the StreamingAverage result, rounded once
+to the clients' dtype, then widened); the new global model comes back in
+the global weights' dtypes.
+
+- :class:`FedAvgM` — server momentum (Hsu et al. 2019):
+  ``v ← β v + Δ;  w ← w + η v``.
+- :class:`FedAdagrad`, :class:`FedAdam`, :class:`FedYogi` — Reddi et al.
+  2021, "Adaptive Federated Optimization", Algorithm 2, without bias
+  correction: ``m ← β1 m + (1-β1) Δ``; the second moment ``v`` is updated
+  by the subclass hook :meth:`FedOpt._second_moment`; then
+  ``w ← w + η m / (√v + τ)``.
+- :class:`FedProx` — FedAvg whose :class:`RoundConfig` carries the
+  proximal coefficient ``mu``; the clients add ``mu/2 ||w - w_global||²``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+from coordinator.aggregate import StreamingAverage, apply_delta
+from coordinator.errors import CoordinatorError
+from coordinator.strategy import Aggregation, ClientUpdate, FedAvg, RoundConfig
+from edge_client.weights import NamedArray, Weights
+
+__all__ = ["FedAdagrad", "FedAdam", "FedAvgM", "FedOpt", "FedProx", "FedYogi"]
+
+State = list[np.ndarray]
+
+
+class _ServerOptAggregation:
+    """Streams deltas into a StreamingAverage; ``finish`` hands Δ to the strategy's optimiser step.
+
+    ``finish`` steps the optimiser once: calling it again returns the same
+    weights without advancing the strategy's state a second time.
+    """
+
+    def __init__(self, strategy: _ServerOptimizer, global_weights: Weights):
+        self._strategy, self._global = strategy, global_weights
+        self._average = StreamingAverage()
+        self._result: Weights | None = None
+
+    def add(self, update: ClientUpdate) -> None:
+        if self._result is not None:
+            raise CoordinatorError("this round is already aggregated; start a new aggregation for the next round")
+        self._average.add(update.delta, update.num_examples)
+
+    @property
+    def count(self) -> int:
+        return self._average.count
+
+    def finish(self) -> Weights:
+        if self._result is None:
+            if self._average.count == 0:
+                raise CoordinatorError("no accepted update to aggregate")
+            delta = [NamedArray(n, np.asarray(a, np.float64)) for n, a in self._average.result()]
+            step = self._strategy._step(delta)
+            self._result = apply_delta(self._global, step)
+        return self._result
+
+
+class _ServerOptimizer(FedAvg):
+    """FedAvg whose averaged delta goes through a stateful ``_step``.
+
+    Subclasses list their state slots in ``_SLOTS`` and implement ``_update``.
+    """
+
+    _SLOTS: tuple[str, ...] = ()
+
+    def __init__(self, **fedavg_kwargs: Any):
+        super().__init__(**fedavg_kwargs)
+        _check_finite_number("server_lr", self.server_lr)
+        self._names: tuple[str, ...] | None = None
+        self._shapes: tuple[tuple[int, ...], ...] = ()
+        self._state: dict[str, State] = {}
+
+    def begin_aggregation(self, server_round: int, global_weights: Weights) -> Aggregation:
+        return _ServerOptAggregation(self, global_weights)
+
+    def _step(self, delta: Weights) -> Weights:
+        """Advance the optimiser state with Δ and return the float64 increment to add to the global model."""
+        names = tuple(n for n, _ in delta)
+        shapes = tuple(a.shape for _, a in delta)
+        if self._names is None:
+            self._names, self._shapes = names, shapes
+            self._state = {slot: self._initial(slot, delta) for slot in self._SLOTS}
+        elif (names, shapes) != (self._names, self._shapes):
+            raise CoordinatorError(
+                f"{type(self).__name__}: update layout {list(zip(names, shapes, strict=True))} differs from the "
+                f"layout its optimiser state was built for; use a fresh strategy for a different model"
+            )
+        arrays = [a for _, a in delta]
+        increments = self._update(arrays)
+        return [NamedArray(n, inc) for n, inc in zip(names, increments, strict=True)]
+
+    def _initial(self, slot: str, delta: Weights) -> State:
+        return [np.zeros_like(a, dtype=np.float64) for _, a in delta]
+
+    def _update(self, delta: State) -> State:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- checkpointing ------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The optimiser state as ``{"<slot>/<tensor name>": float64 array}``; empty before the first round."""
+        if self._names is None:
+            return {}
+        return {
+            f"{slot}/{name}": array.copy()
+            for slot in self._SLOTS
+            for name, array in zip(self._names, self._state[slot], strict=True)
+        }
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`state_dict` returned (an empty dict resets the optimiser).
+
+        Tensor order is taken from ``state``'s key order, as produced by
+        :meth:`state_dict`. Raises :class:`CoordinatorError` on missing or
+        unexpected slots, mismatched shapes or non-finite values; the
+        current state is untouched in that case.
+        """
+        if not state:
+            self._names, self._shapes, self._state = None, (), {}
+            return
+        per_slot: dict[str, dict[str, np.ndarray]] = {slot: {} for slot in self._SLOTS}
+        for key, value in state.items():
+            slot, sep, name = key.partition("/")
+            if not sep or slot not in per_slot:
+                raise CoordinatorError(
+                    f"{type(self).__name__}: unexpected state key {key!r}; expected '<slot>/<tensor>' "
+                    f"with slot in {list(self._SLOTS)}"
+                )
+            array = np.array(value, dtype=np.float64)
+            if not np.isfinite(array).all():
+                raise CoordinatorError(f"{type(self).__name__}: state {key!r} contains NaN or Inf")
+            if slot == "v" and (array < 0).any():
+                raise CoordinatorError(f"{type(self).__name__}: second moment {key!r} has negative entries")
+            per_slot[slot][name] = array
+        first = per_slot[self._SLOTS[0]]
+        names = tuple(first)
+        shapes = tuple(a.shape for a in first.values())
+        for slot, arrays in per_slot.items():
+            if tuple(arrays) != names or tuple(a.shape for a in arrays.values()) != shapes:
+                raise CoordinatorError(
+                    f"{type(self).__name__}: state slot {slot!r} has tensors "
+                    f"{[(n, a.shape) for n, a in arrays.items()]}, expected {list(zip(names, shapes, strict=True))}"
+                )
+        self._names, self._shapes = names, shapes
+        self._state = {slot: list(arrays.values()) for slot, arrays in per_slot.items()}
+
+
+class FedAvgM(_ServerOptimizer):
+    """FedAvg with server momentum (Hsu, Qi & Brown 2019, "Measuring the effects of non-identical data").
+
+    Per round, with Δ the example-weighted mean client delta::
+
+        v ← server_momentum * v + Δ        (v starts at 0)
+        w ← w + server_lr * v
+
+    ``server_momentum = 0`` is FedAvg with the same ``server_lr``. The other
+    keyword arguments are :class:`FedAvg`'s. State slot: ``momentum``.
+    """
+
+    _SLOTS = ("momentum",)
+
+    def __init__(self, server_lr: float = 1.0, server_momentum: float = 0.9, **fedavg_kwargs: Any):
+        super().__init__(server_lr=server_lr, **fedavg_kwargs)
+        _check_unit_interval("server_momentum", server_momentum)
+        self.server_momentum = server_momentum
+
+    def _update(self, delta: State) -> State:
+        momentum = self._state["momentum"]
+        for v, d in zip(momentum, delta, strict=True):
+            v *= self.server_momentum
+            v += d
+        return [self.server_lr * v for v in momentum]
+
+
+class FedOpt(_ServerOptimizer):
+    """Adaptive server optimisers of Reddi et al. 2021, Algorithm 2 (no bias correction).
+
+    Per round, with Δ the example-weighted mean client delta (the negative
+    pseudo-gradient)::
+
+        m ← beta_1 * m + (1 - beta_1) * Δ          (m starts at 0)
+        v ← _second_moment(v, Δ²)                  (v starts at tau²)
+        w ← w + server_lr * m / (√v + tau)
+
+    Defaults follow Flower's ``FedAdam`` (``eta=1e-1, beta_1=0.9,
+    beta_2=0.99, tau=1e-9``) for all three variants, so they differ only in
+    the second-moment rule. Differences from Flower worth knowing: Flower's
+    FedAdagrad uses no first-moment momentum (pass ``beta_1=0`` for that),
+    its FedYogi defaults to ``eta=1e-2, tau=1e-3``, its FedAdam applies bias
+    correction, and it starts ``v`` at 0; here ``v`` starts at ``tau²`` as
+    Algorithm 2 requires (``v_{-1} >= tau²``), which for the default tau is
+    numerically the same as 0. The client learning rate ``eta_l`` is
+    ``round_config.lr``. State slots: ``m`` and ``v``.
+    """
+
+    _SLOTS = ("m", "v")
+
+    def __init__(
+        self,
+        server_lr: float = 1e-1,
+        beta_1: float = 0.9,
+        beta_2: float = 0.99,
+        tau: float = 1e-9,
+        **fedavg_kwargs: Any,
+    ):
+        if type(self)._second_moment is FedOpt._second_moment:
+            raise CoordinatorError("FedOpt is a base class; use FedAdagrad, FedAdam or FedYogi")
+        super().__init__(server_lr=server_lr, **fedavg_kwargs)
+        _check_unit_interval("beta_1", beta_1)
+        _check_unit_interval("beta_2", beta_2)
+        _check_finite_number("tau", tau)
+        if tau <= 0:
+            raise CoordinatorError(f"tau must be positive (it keeps m / (sqrt(v) + tau) finite), got {tau}")
+        self.beta_1, self.beta_2, self.tau = beta_1, beta_2, tau
+
+    def _initial(self, slot: str, delta: Weights) -> State:
+        fill = self.tau**2 if slot == "v" else 0.0
+        return [np.full(a.shape, fill, np.float64) for _, a in delta]
+
+    def _second_moment(self, v: np.ndarray, delta2: np.ndarray) -> np.ndarray:
+        """The new second moment from the old one and Δ² (element-wise)."""
+        raise NotImplementedError
+
+    def _update(self, delta: State) -> State:
+        ms, vs = self._state["m"], self._state["v"]
+        steps = []
+        for i, d in enumerate(delta):
+            ms[i] = self.beta_1 * ms[i] + (1.0 - self.beta_1) * d
+            vs[i] = self._second_moment(vs[i], d * d)
+            steps.append(self.server_lr * ms[i] / (np.sqrt(vs[i]) + self.tau))
+        return steps
+
+
+class FedAdagrad(FedOpt):
+    """FedOpt with the Adagrad second moment ``v ← v + Δ²``."""
+
+    def _second_moment(self, v: np.ndarray, delta2: np.ndarray) -> np.ndarray:
+        return v + delta2
+
+
+class FedAdam(FedOpt):
+    """FedOpt with the Adam second moment ``v ← beta_2 v + (1 - beta_2) Δ²``."""
+
+    def _second_moment(self, v: np.ndarray, delta2: np.ndarray) -> np.ndarray:
+        return self.beta_2 * v + (1.0 - self.beta_2) * delta2
+
+
+class FedYogi(FedOpt):
+    """FedOpt with the Yogi second moment ``v ← v - (1 - beta_2) Δ² sign(v - Δ²)``."""
+
+    def _second_moment(self, v: np.ndarray, delta2: np.ndarray) -> np.ndarray:
+        return v - (1.0 - self.beta_2) * delta2 * np.sign(v - delta2)
+
+
+class FedProx(FedAvg):
+    """FedProx (Li et al. 2020): FedAvg aggregation, clients train with a proximal term.
+
+    The server side is exactly FedAvg; the only change is that every round's
+    :class:`RoundConfig` carries ``mu``, and the client's train signature
+    adds ``mu / 2 * ||w - w_global||²`` to its loss. ``mu`` overrides
+    ``round_config.mu``; ``mu = 0`` is FedAvg.
+    """
+
+    def __init__(self, mu: float = 0.01, round_config: RoundConfig | None = None, **fedavg_kwargs: Any):
+        _check_finite_number("mu", mu)
+        if mu < 0:
+            raise CoordinatorError(f"mu must be >= 0 (0 is plain FedAvg), got {mu}")
+        base = RoundConfig() if round_config is None else round_config
+        super().__init__(round_config=dataclasses.replace(base, mu=float(mu)), **fedavg_kwargs)
+        self.mu = float(mu)
+
+
+def _check_finite_number(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise CoordinatorError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise CoordinatorError(f"{name} must be finite, got {value}")
+
+
+def _check_unit_interval(name: str, value: float) -> None:
+    _check_finite_number(name, value)
+    if not 0 <= value < 1:
+        raise CoordinatorError(f"{name} must be in [0, 1), got {value}")

@@ -1,0 +1,325 @@
+"""Server optimisers: agreement with hand-written update loops, state persistence and checkpointing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coordinator.errors import CoordinatorError
+from coordinator.strategies import FedAdagrad, FedAdam, FedAvgM, FedOpt, FedProx, FedYogi
+from coordinator.strategy import ClientUpdate, FedAvg, RoundConfig
+from edge_client.weights import NamedArray
+
+LAYOUT = (("conv/kernel", (3, 3, 1, 4)), ("conv/bias", (4,)), ("dense/kernel", (6, 5)), ("dense/bias", (5,)))
+# Outputs are float32, rounded once per round from float64 math; the reference stays in float64.
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def random_weights(rng: np.random.Generator, scale: float = 1.0) -> list[NamedArray]:
+    return [NamedArray(name, (scale * rng.normal(size=shape)).astype(np.float32)) for name, shape in LAYOUT]
+
+
+def random_rounds(seed: int, num_rounds: int, num_clients: int) -> list[list[ClientUpdate]]:
+    rng = np.random.default_rng(seed)
+    return [
+        [
+            ClientUpdate(f"c{k}", random_weights(rng, 0.1), int(rng.integers(1, 500)))
+            for k in range(int(rng.integers(1, num_clients + 1)))
+        ]
+        for _ in range(num_rounds)
+    ]
+
+
+def run(strategy, global_weights, rounds) -> list[list[NamedArray]]:
+    """The global model after each round."""
+    history = []
+    for r, updates in enumerate(rounds, start=1):
+        aggregation = strategy.begin_aggregation(r, global_weights)
+        for update in updates:
+            aggregation.add(update)
+        assert aggregation.count == len(updates)
+        global_weights = aggregation.finish()
+        history.append(global_weights)
+    return history
+
+
+def mean_delta(updates: list[ClientUpdate], i: int) -> np.ndarray:
+    """sum n_k d_k / sum n_k for tensor i, as an explicit float64 loop."""
+    total = np.zeros(LAYOUT[i][1])
+    count = 0
+    for u in updates:
+        total += u.num_examples * u.delta[i].array.astype(np.float64)
+        count += u.num_examples
+    return total / count
+
+
+def reference(kind: str, global_weights, rounds, eta, beta_1=0.9, beta_2=0.99, tau=1e-9, momentum=0.9):
+    """The update formulas of Hsu et al. 2019 / Reddi et al. 2021 Alg. 2, one tensor at a time."""
+    history = []
+    w = [g.array.astype(np.float64) for g in global_weights]
+    m = [np.zeros(s) for _, s in LAYOUT]
+    v = [np.zeros(s) if kind == "avgm" else np.full(s, tau**2) for _, s in LAYOUT]
+    for updates in rounds:
+        for i in range(len(LAYOUT)):
+            d = mean_delta(updates, i)
+            if kind == "avgm":
+                v[i] = momentum * v[i] + d
+                w[i] = w[i] + eta * v[i]
+                continue
+            m[i] = beta_1 * m[i] + (1 - beta_1) * d
+            if kind == "adagrad":
+                v[i] = v[i] + d**2
+            elif kind == "adam":
+                v[i] = beta_2 * v[i] + (1 - beta_2) * d**2
+            else:
+                v[i] = v[i] - (1 - beta_2) * d**2 * np.sign(v[i] - d**2)
+            w[i] = w[i] + eta * m[i] / (np.sqrt(v[i]) + tau)
+        history.append([x.copy() for x in w])
+    return history
+
+
+def assert_close(got, expected) -> None:
+    assert [n for n, _ in got] == [n for n, _ in LAYOUT]
+    for (_, array), ref in zip(got, expected, strict=True):
+        assert array.dtype == np.float32
+        np.testing.assert_allclose(array, ref, rtol=RTOL, atol=ATOL)
+
+
+# -- agreement with the reference loops -------------------------------------------------
+
+
+CASES = {
+    "avgm": lambda: FedAvgM(server_lr=0.7, server_momentum=0.9),
+    "adagrad": lambda: FedAdagrad(server_lr=0.1, beta_1=0.9, tau=1e-3),
+    "adam": lambda: FedAdam(server_lr=0.1, beta_1=0.9, beta_2=0.99, tau=1e-9),
+    "yogi": lambda: FedYogi(server_lr=0.05, beta_1=0.8, beta_2=0.95, tau=1e-3),
+}
+REFERENCE_ARGS = {
+    "avgm": dict(eta=0.7, momentum=0.9),
+    "adagrad": dict(eta=0.1, beta_1=0.9, tau=1e-3),
+    "adam": dict(eta=0.1, beta_1=0.9, beta_2=0.99, tau=1e-9),
+    "yogi": dict(eta=0.05, beta_1=0.8, beta_2=0.95, tau=1e-3),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), num_clients=st.integers(1, 6))
+def test_three_rounds_match_reference_loop(kind, seed, num_clients):
+    rounds = random_rounds(seed, 3, num_clients)
+    global_weights = random_weights(np.random.default_rng(seed + 1))
+    got = run(CASES[kind](), global_weights, rounds)
+    expected = reference(kind, global_weights, rounds, **REFERENCE_ARGS[kind])
+    for g, e in zip(got, expected, strict=True):
+        assert_close(g, e)
+
+
+def test_defaults_are_documented_values():
+    adam = FedAdam()
+    assert (adam.server_lr, adam.beta_1, adam.beta_2, adam.tau) == (0.1, 0.9, 0.99, 1e-9)
+    assert (FedAvgM().server_lr, FedAvgM().server_momentum) == (1.0, 0.9)
+    assert FedProx().mu == 0.01
+
+
+def test_default_adam_matches_reference():
+    rounds = random_rounds(7, 3, 4)
+    global_weights = random_weights(np.random.default_rng(8))
+    for g, e in zip(
+        run(FedAdam(), global_weights, rounds), reference("adam", global_weights, rounds, eta=0.1), strict=True
+    ):
+        assert_close(g, e)
+
+
+def test_variants_differ_only_in_second_moment_hook():
+    for cls in (FedAdagrad, FedAdam, FedYogi):
+        assert issubclass(cls, FedOpt) and issubclass(cls, FedAvg)
+        assert {k for k in vars(cls) if not k.startswith("__")} == {"_second_moment"}
+    with pytest.raises(CoordinatorError, match="base class"):
+        FedOpt()
+
+
+def test_first_adagrad_step_is_sign_of_delta_times_eta_one_minus_beta():
+    # m = (1 - b1) d, v = tau^2 + d^2 ~ d^2, so the step is eta (1 - b1) sign(d).
+    delta = [NamedArray("w", np.array([2.0, -0.5, 1e-3], np.float32))]
+    aggregation = FedAdagrad(server_lr=0.1, beta_1=0.9, tau=1e-9).begin_aggregation(
+        1, [NamedArray("w", np.zeros(3, np.float32))]
+    )
+    aggregation.add(ClientUpdate("a", delta, 3))
+    np.testing.assert_allclose(aggregation.finish()[0].array, [0.01, -0.01, 0.01], rtol=1e-5)
+
+
+# -- FedAvgM ----------------------------------------------------------------------------
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), lr=st.floats(0.1, 2.0))
+def test_fedavgm_without_momentum_is_fedavg_with_server_lr(seed, lr):
+    rounds = random_rounds(seed, 3, 5)
+    global_weights = random_weights(np.random.default_rng(seed))
+    for a, b in zip(
+        run(FedAvgM(server_lr=lr, server_momentum=0.0), global_weights, rounds),
+        run(FedAvg(server_lr=lr), global_weights, rounds),
+        strict=True,
+    ):
+        for (na, xa), (nb, xb) in zip(a, b, strict=True):
+            assert na == nb and xa.dtype == xb.dtype
+            np.testing.assert_array_equal(xa, xb)
+
+
+def test_fedavgm_momentum_accumulates_across_rounds():
+    # The same delta d three times: v = d, 1.5 d, 1.75 d with beta = 0.5.
+    zero = [NamedArray("w", np.zeros(2, np.float32))]
+    update = ClientUpdate("a", [NamedArray("w", np.array([1.0, -2.0], np.float32))], 10)
+    history = run(FedAvgM(server_lr=1.0, server_momentum=0.5), zero, [[update]] * 3)
+    np.testing.assert_allclose([h[0].array for h in history], [[1, -2], [2.5, -5], [4.25, -8.5]])
+
+
+# -- state ----------------------------------------------------------------------------
+
+
+def test_fedadam_state_persists_across_rounds():
+    rounds = random_rounds(3, 3, 4)
+    global_weights = random_weights(np.random.default_rng(4))
+    strategy = FedAdam()
+    assert strategy.state_dict() == {}
+    history = run(strategy, global_weights, rounds[:1])
+    state = strategy.state_dict()
+    assert sorted(state) == sorted(f"{slot}/{name}" for slot in ("m", "v") for name, _ in LAYOUT)
+    assert all(a.dtype == np.float64 for a in state.values())
+
+    # Continuing with the same object, with a restored copy, and from scratch.
+    continued = run(strategy, history[-1], rounds[1:2])[-1]
+    restored = FedAdam()
+    restored.load_state_dict(state)
+    resumed = run(restored, history[-1], rounds[1:2])[-1]
+    fresh = run(FedAdam(), history[-1], rounds[1:2])[-1]
+    for (_, a), (_, b) in zip(continued, resumed, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.allclose(a, c) for (_, a), (_, c) in zip(continued, fresh, strict=True))
+    # The state moved on, and the earlier snapshot was not aliased.
+    assert any(not np.array_equal(state[k], v) for k, v in strategy.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_state_dict_round_trip_reproduces_the_run(kind):
+    rounds = random_rounds(11, 3, 4)
+    global_weights = random_weights(np.random.default_rng(12))
+    full = run(CASES[kind](), global_weights, rounds)
+    first = CASES[kind]()
+    history = run(first, global_weights, rounds[:2])
+    second = CASES[kind]()
+    second.load_state_dict(first.state_dict())
+    last = run(second, history[-1], rounds[2:])[-1]
+    for (_, a), (_, b) in zip(full[-1], last, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_load_empty_state_resets():
+    strategy = FedYogi()
+    run(strategy, random_weights(np.random.default_rng(0)), random_rounds(0, 1, 3))
+    strategy.load_state_dict({})
+    assert strategy.state_dict() == {}
+
+
+@pytest.mark.parametrize(
+    "state, message",
+    [
+        ({"x/w": np.zeros(2)}, "unexpected state key"),
+        ({"m": np.zeros(2)}, "unexpected state key"),
+        ({"m/w": np.zeros(2)}, "slot 'v'"),
+        ({"m/w": np.zeros(2), "v/w": np.zeros(3)}, "slot 'v'"),
+        ({"m/w": np.zeros(2), "v/w": np.array([0.0, np.nan])}, "NaN"),
+        ({"m/w": np.zeros(2), "v/w": np.array([0.0, -1.0])}, "negative"),
+    ],
+)
+def test_bad_state_is_rejected_and_leaves_state_alone(state, message):
+    strategy = FedAdam()
+    run(strategy, random_weights(np.random.default_rng(0)), random_rounds(0, 1, 3))
+    before = strategy.state_dict()
+    with pytest.raises(CoordinatorError, match=message):
+        strategy.load_state_dict(state)
+    after = strategy.state_dict()
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_layout_change_is_an_error():
+    strategy = FedAvgM()
+    run(strategy, random_weights(np.random.default_rng(0)), random_rounds(0, 1, 2))
+    other = [NamedArray("w", np.zeros(3, np.float32))]
+    aggregation = strategy.begin_aggregation(2, other)
+    aggregation.add(ClientUpdate("a", other, 1))
+    with pytest.raises(CoordinatorError, match="layout"):
+        aggregation.finish()
+
+
+def test_finish_twice_steps_once():
+    strategy = FedAdam()
+    global_weights = random_weights(np.random.default_rng(1))
+    aggregation = strategy.begin_aggregation(1, global_weights)
+    for update in random_rounds(1, 1, 3)[0]:
+        aggregation.add(update)
+    first = aggregation.finish()
+    state = strategy.state_dict()
+    second = aggregation.finish()
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(first, second, strict=True))
+    assert all(np.array_equal(state[k], v) for k, v in strategy.state_dict().items())
+    with pytest.raises(CoordinatorError, match="already aggregated"):
+        aggregation.add(random_rounds(2, 1, 1)[0][0])
+
+
+def test_finish_without_updates_is_an_error():
+    with pytest.raises(CoordinatorError, match="no accepted update"):
+        FedAdam().begin_aggregation(1, random_weights(np.random.default_rng(0))).finish()
+
+
+def test_output_keeps_global_dtype():
+    global_weights = [NamedArray("w", np.ones(4, np.float16))]
+    aggregation = FedAdam().begin_aggregation(1, global_weights)
+    aggregation.add(ClientUpdate("a", [NamedArray("w", np.full(4, 0.5, np.float16))], 2))
+    assert aggregation.finish()[0].array.dtype == np.float16
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: FedAvgM(server_momentum=1.0),
+        lambda: FedAvgM(server_momentum=-0.1),
+        lambda: FedAvgM(server_lr=float("nan")),
+        lambda: FedAdam(beta_1=1.0),
+        lambda: FedYogi(beta_2=1.5),
+        lambda: FedAdagrad(tau=0.0),
+        lambda: FedAdam(fraction_fit=0.0),
+        lambda: FedProx(mu=-1.0),
+    ],
+)
+def test_bad_hyper_parameters_are_rejected(make):
+    with pytest.raises(CoordinatorError):
+        make()
+
+
+# -- selection is FedAvg's ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [FedAvgM, FedAdagrad, FedAdam, FedYogi, FedProx])
+def test_selection_is_fedavgs(cls):
+    available = [f"c{i}" for i in range(20)]
+    ours = cls(fraction_fit=0.3, min_fit=2, min_available=5)
+    theirs = FedAvg(fraction_fit=0.3, min_fit=2, min_available=5)
+    chosen, _ = ours.configure_round(1, available, np.random.default_rng(5))
+    assert chosen == theirs.configure_round(1, available, np.random.default_rng(5))[0]
+
+
+# -- FedProx ----------------------------------------------------------------------------
+
+
+def test_fedprox_round_config_carries_mu_and_aggregates_like_fedavg():
+    strategy = FedProx(mu=0.1, round_config=RoundConfig(epochs=3, lr=0.05))
+    _, config = strategy.configure_round(1, ["a", "b"], np.random.default_rng(0))
+    assert config == RoundConfig(epochs=3, lr=0.05, mu=0.1)
+    assert FedProx().configure_round(1, ["a"], np.random.default_rng(0))[1].mu == 0.01
+    rounds = random_rounds(5, 2, 4)
+    global_weights = random_weights(np.random.default_rng(5))
+    for a, b in zip(run(strategy, global_weights, rounds), run(FedAvg(), global_weights, rounds), strict=True):
+        assert all(np.array_equal(x, y) for (_, x), (_, y) in zip(a, b, strict=True))
