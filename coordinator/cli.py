@@ -49,11 +49,28 @@ def add_round_arguments(p: argparse.ArgumentParser, min_available: int | None = 
     c.add_argument("--epochs", type=int, default=1, help="local epochs per round (default %(default)s)")
     c.add_argument("--lr", type=float, default=None, help="client learning rate (default: the manifest's)")
     c.add_argument("--mu", type=float, default=0.0, help="FedProx proximal weight (default 0: FedAvg)")
-    c.add_argument("--codec", choices=("float32", "float16"), default="float32", help="update encoding")
+    c.add_argument(
+        "--codec",
+        type=codec_name,
+        default="float32",
+        help="update encoding: float32, float16, int8, int8-channel, topk:FRACTION or topk16:FRACTION",
+    )
     p.add_argument("--server-lr", type=float, default=1.0, help="server learning rate on the averaged delta")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def codec_name(value: str) -> str:
+    """argparse type: a codec the clients can be asked to use."""
+    from edge_client.codecs import get_codec
+    from edge_client.errors import ProtocolError
+
+    try:
+        get_codec(value)
+    except ProtocolError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,6 +43,18 @@ def test_emulate_refuses_a_bad_partition_spec(capsys):
     assert info.value.code == 2 and "dirichlet" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("codec", ["float32", "int8", "int8-channel", "topk:0.01", "topk16:0.1"])
+def test_codec_option_takes_every_registered_codec(codec):
+    assert cli.build_parser().parse_args(["--model", "m.tflite", "--codec", codec]).codec == codec
+
+
+@pytest.mark.parametrize("codec", ["pickle", "topk:0", "topk:2"])
+def test_codec_option_refuses_unknown_codecs(codec, capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--model", "m.tflite", "--codec", codec])
+    assert "unknown_codec" in capsys.readouterr().err
+
+
 def test_plot_draws_every_run(tmp_path):
     records = [{"round": r, "test_accuracy": 0.5 + r / 20, "test_loss": 1 / r, "train_loss": 1.2 / r} for r in (1, 2)]
     only_train = [{"round": 1, "test_accuracy": None, "test_loss": None, "train_loss": 0.9}]
