@@ -60,11 +60,11 @@ class StreamingAverage:
 
     def add(self, weights: Weights, num_examples: int) -> None:
         """Fold in one client's update, trained on ``num_examples`` examples."""
-        _check_num_examples(num_examples)
-        layout = _layout_of(weights)
+        check_num_examples(num_examples)
+        layout = layout_of(weights)
         if self._layout is not None:
-            _check_same_layout(layout, self._layout)
-        _check_finite(weights)
+            check_same_layout(layout, self._layout)
+        check_finite(weights)
         # Validation is complete: only from here on is any state modified.
         if self._layout is None:
             self._layout = layout
@@ -101,9 +101,9 @@ def apply_delta(global_weights: Weights, delta: Weights, scale: float = 1.0) -> 
     """
     if not np.isfinite(scale):
         raise AggregationError(f"scale must be a finite number, got {scale!r}")
-    layout = _layout_of(global_weights)
-    _check_same_layout(_layout_of(delta), layout, dtypes=False)
-    _check_finite(delta)
+    layout = layout_of(global_weights)
+    check_same_layout(layout_of(delta), layout, dtypes=False)
+    check_finite(delta)
     return [
         NamedArray(spec.name, (np.asarray(g, np.float64) + scale * np.asarray(d, np.float64)).astype(spec.dtype))
         for spec, (_, g), (_, d) in zip(layout, global_weights, delta, strict=True)
@@ -113,7 +113,7 @@ def apply_delta(global_weights: Weights, delta: Weights, scale: float = 1.0) -> 
 # -- validation ------------------------------------------------------------------
 
 
-def _check_num_examples(num_examples: int) -> None:
+def check_num_examples(num_examples: int) -> None:
     if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)):
         raise AggregationError(f"num_examples must be an int, got {type(num_examples).__name__}")
     if num_examples <= 0:
@@ -122,7 +122,7 @@ def _check_num_examples(num_examples: int) -> None:
         )
 
 
-def _layout_of(weights: Weights) -> tuple[TensorSpec, ...]:
+def layout_of(weights: Weights) -> tuple[TensorSpec, ...]:
     """Names, shapes and dtypes of ``weights``; floating-point tensors with unique names only."""
     layout = []
     for item in weights:
@@ -138,7 +138,7 @@ def _layout_of(weights: Weights) -> tuple[TensorSpec, ...]:
     return tuple(layout)
 
 
-def _check_same_layout(got: tuple[TensorSpec, ...], expected: tuple[TensorSpec, ...], dtypes: bool = True) -> None:
+def check_same_layout(got: tuple[TensorSpec, ...], expected: tuple[TensorSpec, ...], dtypes: bool = True) -> None:
     if len(got) != len(expected):
         raise AggregationError(
             f"update has {len(got)} tensors, expected {len(expected)}; all clients must train the same model"
@@ -152,7 +152,7 @@ def _check_same_layout(got: tuple[TensorSpec, ...], expected: tuple[TensorSpec, 
             raise AggregationError(f"tensor {g.name!r}: dtype {g.dtype} != expected {e.dtype}")
 
 
-def _check_finite(weights: Weights) -> None:
+def check_finite(weights: Weights) -> None:
     for name, array in weights:
         if not np.isfinite(array).all():
             raise AggregationError(f"tensor {name!r} contains NaN or Inf; the client's training diverged")

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.aggregate import _check_finite, _check_num_examples, _check_same_layout, _layout_of, apply_delta
+from coordinator.aggregate import apply_delta, check_finite, check_num_examples, check_same_layout, layout_of
 from coordinator.errors import AggregationError, CoordinatorError
 from coordinator.strategy import Aggregation, ClientUpdate, FedAvg
 from edge_client.weights import NamedArray, TensorSpec, Weights
@@ -121,11 +121,11 @@ class _BufferedAggregation:
         self._results: list[tuple[Weights, int]] = []
 
     def add(self, update: ClientUpdate) -> None:
-        _check_num_examples(update.num_examples)
-        layout = _layout_of(update.delta)
+        check_num_examples(update.num_examples)
+        layout = layout_of(update.delta)
         if self._layout is not None:
-            _check_same_layout(layout, self._layout)
-        _check_finite(update.delta)
+            check_same_layout(layout, self._layout)
+        check_finite(update.delta)
         self._layout = layout
         # Copy: the caller may reuse its buffers, and the round must see what was accepted.
         self._results.append(([NamedArray(n, np.array(a)) for n, a in update.delta], int(update.num_examples)))
@@ -215,13 +215,13 @@ def _stack(results: Results) -> tuple[tuple[TensorSpec, ...], list[np.ndarray]]:
     layout: tuple[TensorSpec, ...] | None = None
     for i, (weights, num_examples) in enumerate(results):
         try:
-            _check_num_examples(num_examples)
-            got = _layout_of(weights)
+            check_num_examples(num_examples)
+            got = layout_of(weights)
             if layout is None:
                 layout = got
             else:
-                _check_same_layout(got, layout)
-            _check_finite(weights)
+                check_same_layout(got, layout)
+            check_finite(weights)
         except AggregationError as exc:
             raise AggregationError(f"result {i}: {exc}") from exc
     assert layout is not None
