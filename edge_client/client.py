@@ -568,10 +568,13 @@ class EdgeClient:
             log.error("round %d: cannot encode the update with codec %r: %s; not sending", r, ann.codec, exc)
             self._finish_round(r)
             return
-        pending = PendingUpdate(r, ann.model_sha256, sha256_hex(payload), len(payload))
+        digest = sha256_hex(payload)
+        pending = PendingUpdate(r, ann.model_sha256, digest, len(payload))
         self.progress = replace(self.progress, trained_round=r, pending=pending)
         self._save_progress(payload)
-        self._upload = _Upload(r, ann.model_sha256, payload, split(payload, self._chunk_size))
+        # The transfer id is this digest's prefix: pass it rather than hash 6 MB again.
+        chunks = split(payload, self._chunk_size, transfer_id=bytes.fromhex(digest)[:16])
+        self._upload = _Upload(r, ann.model_sha256, payload, chunks)
         log.info(
             "round %d: trained in %.1f s (%s); update of %d bytes",
             r,
