@@ -8,11 +8,14 @@ any point leaves either the previous checkpoint or the new one.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from edge_client.errors import ProtocolError
 from edge_client.frames import Frame, decode_frame, encode_frame
@@ -24,11 +27,13 @@ INDEX = "checkpoint.json"
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """The global weights after ``completed_round`` rounds of the model ``model_sha256``."""
+    """The global weights after ``completed_round`` rounds of the model ``model_sha256``,
+    and the strategy's state (server optimizer moments), if it has any."""
 
     completed_round: int
     model_sha256: str
     weights: Weights
+    strategy_state: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -47,10 +52,17 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> None:
     frame = Frame("global", checkpoint.completed_round, checkpoint.model_sha256, checkpoint.weights)
     write_atomic(directory / name, encode_frame(frame))
     index = {"completed_round": checkpoint.completed_round, "model_sha256": checkpoint.model_sha256, "weights": name}
+    if checkpoint.strategy_state:
+        buffer = io.BytesIO()
+        np.savez(buffer, **checkpoint.strategy_state)  # plain arrays, read back with allow_pickle=False
+        index["strategy_state"] = f"strategy-{checkpoint.completed_round:06d}.npz"
+        write_atomic(directory / index["strategy_state"], buffer.getvalue())
     write_atomic(directory / INDEX, json.dumps(index, indent=2).encode())
-    for old in directory.glob("global-*.bin"):  # keep the current and the previous one
-        if old.name != name and old.name < f"global-{checkpoint.completed_round - 1:06d}.bin":
-            old.unlink(missing_ok=True)
+    for pattern, suffix in (("global-*.bin", ".bin"), ("strategy-*.npz", ".npz")):  # keep the last two
+        keep_from = f"{pattern.split('*')[0]}{checkpoint.completed_round - 1:06d}{suffix}"
+        for old in directory.glob(pattern):
+            if old.name < keep_from:
+                old.unlink(missing_ok=True)
 
 
 def load_checkpoint(directory: Path, model_sha256: str) -> Checkpoint | None:
@@ -61,10 +73,14 @@ def load_checkpoint(directory: Path, model_sha256: str) -> Checkpoint | None:
     try:
         index = json.loads(index_path.read_text())
         frame = decode_frame((directory / index["weights"]).read_bytes())
+        state = {}
+        if "strategy_state" in index:
+            with np.load(directory / index["strategy_state"], allow_pickle=False) as archive:
+                state = {key: archive[key] for key in archive.files}
     except (OSError, ValueError, KeyError, TypeError, ProtocolError) as exc:
         log.warning("ignoring unreadable checkpoint in %s: %s", directory, exc)
         return None
     if frame.model_sha256 != model_sha256 or index.get("model_sha256") != model_sha256:
         log.warning("ignoring checkpoint in %s: it belongs to another model", directory)
         return None
-    return Checkpoint(frame.round, frame.model_sha256, frame.tensors)
+    return Checkpoint(frame.round, frame.model_sha256, frame.tensors, state)

@@ -48,17 +48,27 @@ def add_round_arguments(p: argparse.ArgumentParser, min_available: int | None = 
     c = p.add_argument_group("client training")
     c.add_argument("--epochs", type=int, default=1, help="local epochs per round (default %(default)s)")
     c.add_argument("--lr", type=float, default=None, help="client learning rate (default: the manifest's)")
-    c.add_argument("--mu", type=float, default=0.0, help="FedProx proximal weight (default 0: FedAvg)")
+    c.add_argument("--mu", type=float, help="FedProx proximal weight (default 0; 0.01 with --strategy fedprox)")
     c.add_argument(
         "--codec",
         type=codec_name,
         default="float32",
         help="update encoding: float32, float16, int8, int8-channel, topk:FRACTION or topk16:FRACTION",
     )
-    p.add_argument("--server-lr", type=float, default=1.0, help="server learning rate on the averaged delta")
+    s = p.add_argument_group("aggregation")
+    s.add_argument("--strategy", choices=STRATEGY_NAMES, default="fedavg", help="server strategy (default fedavg)")
+    s.add_argument(
+        "--server-lr", type=float, help="server learning rate (default: 1.0, or 0.1 for fedadagrad/adam/yogi)"
+    )
+    s.add_argument("--server-momentum", type=float, default=0.9, help="fedavgm momentum (default %(default)s)")
+    s.add_argument("--trim-beta", type=float, default=0.2, help="trimmed-mean: fraction cut at each end (default 0.2)")
+    s.add_argument("--byzantine", type=int, default=1, help="krum: tolerated malicious clients f (default 1)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+STRATEGY_NAMES = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedprox", "median", "trimmed-mean", "krum")
 
 
 def codec_name(value: str) -> str:

@@ -14,10 +14,13 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from coordinator.datasets import load_test_set
+from coordinator.errors import CoordinatorError
 from coordinator.evaluation import ServerEvaluator
 from coordinator.metrics import RoundMetrics
+from coordinator.robust import FedMedian, FedTrimmedAvg, Krum
 from coordinator.server import Coordinator, CoordinatorConfig
-from coordinator.strategy import FedAvg, RoundConfig
+from coordinator.strategies import FedAdagrad, FedAdam, FedAvgM, FedProx, FedYogi
+from coordinator.strategy import FedAvg, RoundConfig, Strategy
 from edge_client.manifest import load_manifest, manifest_path_for
 from edge_client.transport import Transport
 
@@ -34,14 +37,8 @@ def build_coordinator(args: argparse.Namespace, make_transport: Callable[[str, s
         x, y = load_test_set(args.test_data, manifest)
         evaluate = ServerEvaluator(model_path.read_bytes(), manifest, x, y)
         log.info("evaluating on %d held-out examples from %s", len(x), args.test_data)
-    strategy = FedAvg(
-        fraction_fit=args.fraction_fit,
-        min_fit=args.min_fit,
-        min_available=args.min_available,
-        round_config=RoundConfig(epochs=args.epochs, lr=lr, mu=args.mu, codec=args.codec),
-        server_lr=args.server_lr,
-        evaluate_fn=evaluate,
-    )
+    round_config = RoundConfig(epochs=args.epochs, lr=lr, mu=args.mu or 0.0, codec=args.codec)
+    strategy = make_strategy(args, round_config, evaluate)
     out = Path(args.out)
     config = CoordinatorConfig(
         model_path=model_path,
@@ -56,6 +53,35 @@ def build_coordinator(args: argparse.Namespace, make_transport: Callable[[str, s
         wait_for_clients=args.wait_for_clients,
     )
     return Coordinator(config, make_transport(args.broker, f"coordinator-{args.federation}"), strategy)
+
+
+def make_strategy(args: argparse.Namespace, round_config: RoundConfig, evaluate) -> Strategy:
+    """The strategy named by ``--strategy``, with the shared selection options."""
+    common = dict(
+        fraction_fit=args.fraction_fit,
+        min_fit=args.min_fit,
+        min_available=args.min_available,
+        round_config=round_config,
+        evaluate_fn=evaluate,
+    )
+    if args.server_lr is not None:
+        common["server_lr"] = args.server_lr
+    name = args.strategy
+    if name == "fedavg":
+        return FedAvg(**common)
+    if name == "fedavgm":
+        return FedAvgM(server_momentum=args.server_momentum, **common)
+    if name in ("fedadagrad", "fedadam", "fedyogi"):
+        return {"fedadagrad": FedAdagrad, "fedadam": FedAdam, "fedyogi": FedYogi}[name](**common)
+    if name == "fedprox":
+        return FedProx(mu=0.01 if args.mu is None else args.mu, **common)
+    if name == "median":
+        return FedMedian(**common)
+    if name == "trimmed-mean":
+        return FedTrimmedAvg(beta=args.trim_beta, **common)
+    if name == "krum":
+        return Krum(num_byzantine=args.byzantine, **common)
+    raise CoordinatorError(f"unknown strategy {name!r}")
 
 
 def describe(metrics: RoundMetrics) -> str:

@@ -218,9 +218,7 @@ class Coordinator:
         self.completed_round = open_.number
         self._open = None
         if self.config.checkpoint_dir is not None:
-            save_checkpoint(
-                self.config.checkpoint_dir, Checkpoint(self.completed_round, self.model_sha256, self.global_weights)
-            )
+            save_checkpoint(self.config.checkpoint_dir, self._checkpoint())
         metrics.round_seconds = time.perf_counter() - started
         metrics.bytes_in, metrics.bytes_out = self._bytes_in - bytes_in, self._bytes_out - bytes_out
         if self.config.metrics_path is not None:
@@ -358,6 +356,10 @@ class Coordinator:
         self._published_chunks[family] = len(chunks)
         return len(chunks)
 
+    def _checkpoint(self) -> Checkpoint:
+        state = self.strategy.state_dict() if hasattr(self.strategy, "state_dict") else {}
+        return Checkpoint(self.completed_round, self.model_sha256, self.global_weights, state)
+
     def _restore(self) -> None:
         if self.config.checkpoint_dir is None:
             return
@@ -365,4 +367,6 @@ class Coordinator:
         if checkpoint is None:
             return
         self.global_weights, self.completed_round = checkpoint.weights, checkpoint.completed_round
+        if checkpoint.strategy_state and hasattr(self.strategy, "load_state_dict"):
+            self.strategy.load_state_dict(checkpoint.strategy_state)  # e.g. FedAdam's moments
         log.info("resuming after round %d from %s", self.completed_round, self.config.checkpoint_dir)

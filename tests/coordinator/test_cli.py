@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 
+import numpy as np
 import pytest
 
 from coordinator import cli, emulate
@@ -60,3 +61,48 @@ def test_plot_draws_every_run(tmp_path):
     only_train = [{"round": 1, "test_accuracy": None, "test_loss": None, "train_loss": 0.9}]
     out = plot_rounds({"a": records, "b": records, "c": only_train}, tmp_path / "p.png", "title")
     assert out.read_bytes().startswith(b"\x89PNG") and out.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    ("argv", "kind", "attributes"),
+    [
+        ([], "FedAvg", {"server_lr": 1.0}),
+        (["--strategy", "fedavgm", "--server-momentum", "0.5"], "FedAvgM", {"server_momentum": 0.5}),
+        (["--strategy", "fedadam"], "FedAdam", {"server_lr": 0.1}),
+        (["--strategy", "fedyogi", "--server-lr", "0.01"], "FedYogi", {"server_lr": 0.01}),
+        (["--strategy", "fedadagrad"], "FedAdagrad", {}),
+        (["--strategy", "fedprox"], "FedProx", {}),
+        (["--strategy", "median"], "FedMedian", {}),
+        (["--strategy", "trimmed-mean", "--trim-beta", "0.1"], "FedTrimmedAvg", {"beta": 0.1}),
+        (["--strategy", "krum", "--byzantine", "1", "--min-fit", "5", "--min-available", "5"], "Krum", {}),
+    ],
+)
+def test_strategy_options_build_the_named_strategy(argv, kind, attributes):
+    from coordinator.runner import make_strategy
+    from coordinator.strategy import RoundConfig
+
+    args = cli.build_parser().parse_args(["--model", "m.tflite", *argv])
+    strategy = make_strategy(args, RoundConfig(mu=args.mu or 0.0), None)
+    assert type(strategy).__name__ == kind
+    for name, value in attributes.items():
+        assert getattr(strategy, name) == pytest.approx(value)
+
+
+def test_fedprox_sends_its_mu_to_clients():
+    from coordinator.runner import make_strategy
+    from coordinator.strategy import RoundConfig
+
+    args = cli.build_parser().parse_args(["--model", "m.tflite", "--strategy", "fedprox", "--mu", "0.3"])
+    strategy = make_strategy(args, RoundConfig(mu=0.3), None)
+    _, config = strategy.configure_round(1, ["a", "b"], np.random.default_rng(0))
+    assert config.mu == pytest.approx(0.3)
+
+
+def test_krum_refuses_too_few_clients_with_a_clear_error():
+    from coordinator.errors import CoordinatorError
+    from coordinator.runner import make_strategy
+    from coordinator.strategy import RoundConfig
+
+    args = cli.build_parser().parse_args(["--model", "m.tflite", "--strategy", "krum"])  # min-fit 2 < 2f+3
+    with pytest.raises(CoordinatorError, match="2f \\+ 3"):
+        make_strategy(args, RoundConfig(), None)

@@ -321,6 +321,26 @@ def test_restart_resumes_from_the_checkpoint(tabular, model_path, tmp_path):
         np.testing.assert_array_equal(a.array, b.array)
 
 
+def test_a_restarted_coordinator_gets_its_server_optimizer_state_back(tabular, model_path, tmp_path):
+    from coordinator.strategies import FedAdam
+
+    broker = InMemoryBroker()
+    client = FakeClient(broker, "pi-0")
+    running = Running(_coordinator(broker, model_path, tmp_path, FedAdam(min_fit=1, min_available=1)))
+    client.wait_for(lambda: client.rounds)
+    client.send(_update(tabular, "pi-0", 1, _delta(tabular, 9), 10))
+    assert running.join() is None
+    saved = running.coordinator.strategy.state_dict()
+    assert saved and all(np.any(v != 0) for k, v in saved.items() if k.startswith("m/"))
+
+    restarted = _coordinator(InMemoryBroker(), model_path, tmp_path, FedAdam(min_fit=1, min_available=1))
+    restarted._restore()
+    restored = restarted.strategy.state_dict()
+    assert restored.keys() == saved.keys()
+    for key in saved:
+        np.testing.assert_array_equal(restored[key], saved[key])
+
+
 def test_stop_while_waiting_for_clients(model_path, tmp_path):
     running = Running(_coordinator(InMemoryBroker(), model_path, tmp_path))
     time.sleep(0.1)
