@@ -64,7 +64,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np
-from benchlib import machine, package_versions
+from scriptlib import machine, package_versions
 
 from coordinator.aggregate import StreamingAverage
 from coordinator.strategy import ClientUpdate, FedAvg

@@ -66,7 +66,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from benchlib import machine, package_versions
+from scriptlib import machine, package_versions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = "build/bench/round_overhead"

@@ -32,24 +32,10 @@ Run from the repository root:  python scripts/bench_train_step.py
 
 # ---------------------------------------------------------------------------
 # The TensorFlow import blocker must be installed before anything else is
-# imported in a litert worker, so it comes first and uses only ``sys``.
+# imported in a litert worker, so it comes first (scriptlib is stdlib-only).
 import sys
 
-_BLOCKED_TOP_LEVEL = ("tensorflow", "keras", "tf_keras")
-_BLOCKED_ATTEMPTS: list[str] = []
-
-
-class _BlockTensorFlow:
-    """Meta path finder that refuses tensorflow / keras / tf_keras and submodules."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname.split(".", 1)[0] in _BLOCKED_TOP_LEVEL:
-            _BLOCKED_ATTEMPTS.append(fullname)
-            raise ModuleNotFoundError(
-                f"import of {fullname!r} is blocked in the edge (litert) benchmark worker",
-                name=fullname,
-            )
-        return None
+from scriptlib import BLOCKED, block_tensorflow
 
 
 def _is_litert_worker(argv: list[str]) -> bool:
@@ -61,8 +47,7 @@ def _is_litert_worker(argv: list[str]) -> bool:
     return False
 
 
-if _is_litert_worker(sys.argv):
-    sys.meta_path.insert(0, _BlockTensorFlow())
+_BLOCKER = block_tensorflow() if _is_litert_worker(sys.argv) else None
 # ---------------------------------------------------------------------------
 
 import argparse
@@ -75,7 +60,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from benchlib import machine, package_versions
+from scriptlib import machine, package_versions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -163,7 +148,7 @@ def worker_litert(args) -> dict:
         return model.train_step(xb, yb, sample_weight=sw, lr=LR).loss
 
     timing = _timed_loop(step, x, y, args.warmup)
-    loaded_tf = sorted(m for m in sys.modules if m.split(".", 1)[0] in _BLOCKED_TOP_LEVEL)
+    loaded_tf = sorted(m for m in sys.modules if m.split(".", 1)[0] in BLOCKED)
     assert "tensorflow" not in sys.modules, "TensorFlow was imported in the edge worker"
     assert not loaded_tf, f"blocked modules were loaded anyway: {loaded_tf}"
     return {
@@ -171,7 +156,7 @@ def worker_litert(args) -> dict:
         "threads": args.threads,
         "load_s": load_s,
         **timing,
-        "blocked_import_attempts": sorted(set(_BLOCKED_ATTEMPTS)),
+        "blocked_import_attempts": sorted(set(_BLOCKER.attempts)) if _BLOCKER else [],
         "tensorflow_in_sys_modules": "tensorflow" in sys.modules,
         "rss": _peak_rss(),
     }

@@ -12,28 +12,19 @@ Federated emulation over MQTT (issue 3) will replace step 2.
 from __future__ import annotations
 
 import argparse
-import importlib.abc
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from scriptlib import block_tensorflow
+
 ROOT = Path(__file__).resolve().parents[1]
-BLOCKED = ("tensorflow", "keras", "tf_keras")
-
-
-class _BlockTensorFlow(importlib.abc.MetaPathFinder):
-    """Make TensorFlow unimportable, to prove the device side never needs it."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"{name} is blocked: the edge side must run without TensorFlow")
-        return None
 
 
 def edge_worker(model: str, epochs: int, lr: float) -> None:
-    sys.meta_path.insert(0, _BlockTensorFlow())
+    block_tensorflow()
     import numpy as np
 
     from coordinator.datasets import load_bundled_mnist, to_model_input
