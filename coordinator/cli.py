@@ -33,18 +33,24 @@ Press Ctrl+C twice to stop at once.
 """
 
 
-def add_round_arguments(p: argparse.ArgumentParser, min_available: int | None = 2, min_fit: int | None = 2) -> None:
-    """Options shared by ``litefed-coordinator`` and ``litefed-emulate``."""
-    p.add_argument("--federation", default="default", help="federation name in the topic tree (default %(default)s)")
-    p.add_argument("--topic-prefix", default="litefed", help="topic prefix (default %(default)s)")
+def add_round_arguments(
+    p: argparse.ArgumentParser, min_available: int | None = 2, min_fit: int | None = 2, mqtt: bool = True
+) -> None:
+    """Options shared by ``litefed-coordinator``, ``litefed-emulate`` and (without ``mqtt``) ``litefed-simulate``."""
+    if mqtt:
+        p.add_argument(
+            "--federation", default="default", help="federation name in the topic tree (default %(default)s)"
+        )
+        p.add_argument("--topic-prefix", default="litefed", help="topic prefix (default %(default)s)")
     r = p.add_argument_group("rounds")
     r.add_argument("--rounds", type=int, default=10, help="rounds to run in total (default %(default)s)")
     r.add_argument("--min-available", type=int, default=min_available, help="clients online before a round starts")
     r.add_argument("--min-fit", type=int, default=min_fit, help="updates needed to close a round")
     r.add_argument("--fraction-fit", type=float, default=1.0, help="fraction of online clients selected (default 1.0)")
-    r.add_argument("--round-timeout", type=float, default=120.0, help="seconds clients get per round (default 120)")
-    r.add_argument("--max-attempts", type=int, default=3, help="tries per round before giving up (default 3)")
-    r.add_argument("--wait-for-clients", type=float, help="give up if not enough clients within this many seconds")
+    if mqtt:
+        r.add_argument("--round-timeout", type=float, default=120.0, help="seconds clients get per round (default 120)")
+        r.add_argument("--max-attempts", type=int, default=3, help="tries per round before giving up (default 3)")
+        r.add_argument("--wait-for-clients", type=float, help="give up if not enough clients within this many seconds")
     c = p.add_argument_group("client training")
     c.add_argument("--epochs", type=int, default=1, help="local epochs per round (default %(default)s)")
     c.add_argument("--lr", type=float, default=None, help="client learning rate (default: the manifest's)")
@@ -63,9 +69,23 @@ def add_round_arguments(p: argparse.ArgumentParser, min_available: int | None = 
     s.add_argument("--server-momentum", type=float, default=0.9, help="fedavgm momentum (default %(default)s)")
     s.add_argument("--trim-beta", type=float, default=0.2, help="trimmed-mean: fraction cut at each end (default 0.2)")
     s.add_argument("--byzantine", type=int, default=1, help="krum: tolerated malicious clients f (default 1)")
+    d = p.add_argument_group("differential privacy (client-level, central)")
+    d.add_argument("--dp-clip", type=float, help="clip each client's update to this L2 norm (enables DP)")
+    d.add_argument("--dp-noise", type=float, default=0.0, help="noise multiplier z: std z*clip/clients (default 0)")
+    d.add_argument("--dp-delta", type=float, default=1e-5, help="delta of the reported epsilon (default 1e-5)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def check_round_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse option combinations that cannot work, before anything is loaded (exits with 2)."""
+    if args.dp_noise and args.dp_clip is None:
+        parser.error("--dp-noise needs --dp-clip: the noise is calibrated to the clipping norm")
+    if args.dp_clip is not None and not args.dp_clip > 0:
+        parser.error(f"--dp-clip must be positive, got {args.dp_clip}")
+    if args.dp_noise < 0 or not 0 < args.dp_delta < 1:
+        parser.error("--dp-noise must be >= 0 and --dp-delta in (0, 1)")
 
 
 STRATEGY_NAMES = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedprox", "median", "trimmed-mean", "krum")
@@ -137,7 +157,9 @@ def signal_handlers(stop: threading.Event) -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_round_arguments(parser, args)
     setup_logging(args.verbose)
     from coordinator.errors import CoordinatorError
     from coordinator.runner import build_coordinator, run_with_progress

@@ -100,3 +100,25 @@ def load_test_set(spec: str, manifest: Manifest) -> tuple[np.ndarray, np.ndarray
     if x.dtype == np.uint8:
         x = x.astype(np.float32) / 255.0
     return prepare_for_model(x, y, manifest)
+
+
+def load_training_data(spec: str, manifest: Manifest) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """``(x, y, test_spec)`` for ``--data``: mnist-small, mnist, or an ``.npz`` file.
+
+    ``test_spec`` names the held-out split of the same source, or is None
+    when the file has none. uint8 inputs are scaled to [0, 1].
+    """
+    if spec in ("mnist-small", "mnist"):
+        data = load_bundled_mnist() if spec == "mnist-small" else load_mnist()
+        x, y, test = data.x_train, data.y_train, spec
+    else:
+        if not Path(spec).is_file():
+            raise FileNotFoundError(f"training data {spec!r}: no such file (use mnist-small, mnist or an .npz path)")
+        with np.load(spec, allow_pickle=False) as archive:
+            keys = ("x_train", "y_train") if "x_train" in archive.files else ("x", "y")
+            x, y = archive[keys[0]], archive[keys[1]]
+            test = spec if "x_test" in archive.files else None
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / 255.0
+    x, y = prepare_for_model(x, y, manifest)
+    return x, y, test

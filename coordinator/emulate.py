@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", type=parse_partition, default="iid", help="iid, dirichlet:ALPHA or shards:K")
     p.add_argument("--out", type=Path, default=Path("runs/emulation"), help="output directory (default %(default)s)")
     p.add_argument("--model", type=Path, help="converted model (default: the built-in MNIST CNN)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size of the built-in model (default 32)")
     p.add_argument(
         "--data",
         default="mnist-small",
@@ -67,25 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", default="auto", help="auto, mosquitto, amqtt, or the URL of a running broker")
     add_round_arguments(p, min_available=None, min_fit=None)
     return p
-
-
-def _load_training_data(spec: str, manifest):
-    """(x, y) for training and the test spec to evaluate on, from --data."""
-    from coordinator.datasets import load_bundled_mnist, load_mnist
-    from edge_client.data import prepare_for_model
-
-    if spec in ("mnist-small", "mnist"):
-        data = load_bundled_mnist() if spec == "mnist-small" else load_mnist()
-        x, y, test = data.x_train, data.y_train, spec
-    else:
-        with np.load(spec, allow_pickle=False) as archive:
-            keys = ("x_train", "y_train") if "x_train" in archive.files else ("x", "y")
-            x, y = archive[keys[0]], archive[keys[1]]
-            test = spec if "x_test" in archive.files else None
-    if x.dtype == np.uint8:
-        x = x.astype(np.float32) / 255.0
-    x, y = prepare_for_model(x, y, manifest)
-    return x, y, test
 
 
 def write_client_files(out: Path, x, y, parts, broker_url: str, federation: str, seed: int) -> list[Path]:
@@ -175,9 +157,11 @@ def summarize(history, started: float, out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from coordinator.cli import make_transport, setup_logging, signal_handlers
+    from coordinator.cli import check_round_arguments, make_transport, setup_logging, signal_handlers
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_round_arguments(parser, args)
     setup_logging(args.verbose)
     if args.clients < 1:
         print("litefed-emulate: error: --clients must be at least 1", file=sys.stderr)
@@ -193,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 def _emulate(args: argparse.Namespace, stop: threading.Event, make_transport) -> int:
     from coordinator.broker import EmbeddedBroker
     from coordinator.builtin_models import builtin_model
+    from coordinator.datasets import load_training_data
     from coordinator.errors import CoordinatorError
     from coordinator.metrics import read_jsonl
     from coordinator.plots import plot_rounds
@@ -203,9 +188,9 @@ def _emulate(args: argparse.Namespace, stop: threading.Event, make_transport) ->
     started = time.monotonic()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    args.model = args.model or builtin_model("mnist_cnn", 32)
+    args.model = args.model or builtin_model("mnist_cnn", args.batch_size)
     manifest = load_manifest(manifest_path_for(args.model))
-    x, y, test = _load_training_data(args.data, manifest)
+    x, y, test = load_training_data(args.data, manifest)
     args.test_data = args.test_data or test
     parts = args.partition(y, args.clients, np.random.default_rng(args.seed))
     log.info("%d examples split %s among %d clients (sizes %d..%d)", len(x), args.partition, args.clients,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,13 +31,30 @@ class RoundMetrics:
     slowest_client_seconds: float | None = None  # longest local training reported by a client
     aggregate_seconds: float = 0.0
     evaluate_seconds: float = 0.0
+    dp_epsilon: float | None = None  # privacy spent so far (for the strategy's delta), with --dp-noise
+    _weighted: dict[str, float] = field(default_factory=dict, repr=False)  # sum of n * client metric
 
     def reject(self, reason: str) -> None:
         self.clients_rejected += 1
         self.rejected_reasons[reason] = self.rejected_reasons.get(reason, 0) + 1
 
+    def record_update(self, num_examples: int, client_metrics: Mapping[str, float]) -> None:
+        """Count one accepted update and its train metrics (averaged weighted by examples)."""
+        self.clients_answered += 1
+        self.num_examples += num_examples
+        for key in ("loss", "accuracy"):
+            if key in client_metrics:
+                self._weighted[key] = self._weighted.get(key, 0.0) + num_examples * client_metrics[key]
+                setattr(self, f"train_{key}", self._weighted[key] / self.num_examples)
+        if "train_seconds" in client_metrics:
+            self.slowest_client_seconds = max(self.slowest_client_seconds or 0.0, client_metrics["train_seconds"])
+
     def to_json(self) -> dict:
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+        return {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in asdict(self).items()
+            if not k.startswith("_")
+        }
 
 
 def append_jsonl(path: Path, record: dict) -> None:

@@ -51,3 +51,41 @@ def plot_rounds(runs: Mapping[str, Sequence[dict]], out: Path, title: str = "") 
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``litefed-plot``: compare runs (their ``metrics.jsonl``) in one PNG."""
+    import argparse
+    import sys
+
+    from coordinator.metrics import read_jsonl
+
+    p = argparse.ArgumentParser(
+        prog="litefed-plot",
+        description="Plot test accuracy and loss per round of one or more runs on shared axes.",
+        epilog="example: litefed-plot runs/iid runs/noniid --label IID --label non-IID --out compare.png",
+    )
+    p.add_argument("runs", nargs="+", type=Path, help="run directories (or their metrics.jsonl files)")
+    p.add_argument("--label", action="append", help="legend label, once per run (default: the directory name)")
+    p.add_argument("--out", type=Path, default=Path("compare.png"), help="PNG to write (default %(default)s)")
+    p.add_argument("--title", default="", help="figure title")
+    args = p.parse_args(argv)
+    labels = args.label or [run.name if run.is_dir() else run.parent.name for run in args.runs]
+    if len(labels) != len(args.runs):
+        p.error(f"{len(labels)} --label for {len(args.runs)} runs; give one per run or none")
+    runs = {}
+    for label, run in zip(labels, args.runs, strict=True):
+        path = run / "metrics.jsonl" if run.is_dir() else run
+        if not path.is_file():
+            print(f"litefed-plot: error: {path} not found (expected a run directory with metrics.jsonl)",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        runs[label] = read_jsonl(path)
+    print(plot_rounds(runs, args.out, args.title))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -5,9 +5,10 @@ builds the very same coordinator."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tqdm import tqdm
@@ -17,6 +18,7 @@ from coordinator.datasets import load_test_set
 from coordinator.errors import CoordinatorError
 from coordinator.evaluation import ServerEvaluator
 from coordinator.metrics import RoundMetrics
+from coordinator.privacy import DifferentialPrivacy
 from coordinator.robust import FedMedian, FedTrimmedAvg, Krum
 from coordinator.server import Coordinator, CoordinatorConfig
 from coordinator.strategies import FedAdagrad, FedAdam, FedAvgM, FedProx, FedYogi
@@ -27,18 +29,30 @@ from edge_client.transport import Transport
 log = logging.getLogger(__name__)
 
 
-def build_coordinator(args: argparse.Namespace, make_transport: Callable[[str, str], Transport]) -> Coordinator:
-    """A coordinator configured from ``litefed-coordinator`` options."""
-    model_path = Path(args.model)
+def build_strategy(args: argparse.Namespace, model_path: Path, dp_seed: int | None = None) -> Strategy:
+    """The strategy (with its evaluator and round config) that the options describe."""
     manifest = load_manifest(manifest_path_for(model_path))
     lr = args.lr if args.lr is not None else float(manifest.optimizer["learning_rate"])
     evaluate = None
     if args.test_data:
         x, y = load_test_set(args.test_data, manifest)
-        evaluate = ServerEvaluator(model_path.read_bytes(), manifest, x, y)
+        evaluate = ServerEvaluator(
+            model_path.read_bytes(), manifest, x, y, num_threads=getattr(args, "eval_threads", None)
+        )
         log.info("evaluating on %d held-out examples from %s", len(x), args.test_data)
     round_config = RoundConfig(epochs=args.epochs, lr=lr, mu=args.mu or 0.0, codec=args.codec)
     strategy = make_strategy(args, round_config, evaluate)
+    if args.dp_clip is not None:
+        strategy = DifferentialPrivacy(strategy, args.dp_clip, args.dp_noise, args.dp_delta, seed=dp_seed)
+        log.info("differential privacy: clip %g, noise multiplier %g, delta %g", args.dp_clip, args.dp_noise,
+                 args.dp_delta)  # fmt: skip
+    return strategy
+
+
+def build_coordinator(args: argparse.Namespace, make_transport: Callable[[str, str], Transport]) -> Coordinator:
+    """A coordinator configured from ``litefed-coordinator`` options."""
+    model_path = Path(args.model)
+    strategy = build_strategy(args, model_path)  # DP noise from OS entropy: never seeded in a deployment
     out = Path(args.out)
     config = CoordinatorConfig(
         model_path=model_path,
@@ -92,22 +106,30 @@ def describe(metrics: RoundMetrics) -> str:
         parts.append(f"train loss {metrics.train_loss:.4f}")
     if metrics.clients_rejected:
         parts.append(f"rejected {metrics.rejected_reasons}")
+    if metrics.dp_epsilon is not None:
+        parts.append(f"epsilon {metrics.dp_epsilon:.3g}")
     return ", ".join(parts) + f" ({metrics.round_seconds:.1f} s)"
+
+
+@contextlib.contextmanager
+def round_progress(total: int, done: int, enabled: bool = True) -> Iterator[Callable[[RoundMetrics], None]]:
+    """A progress bar of rounds; yields the ``on_round`` callback that logs and advances it."""
+    with logging_redirect_tqdm(), tqdm(total=total, initial=done, unit="round", disable=not enabled) as bar:
+
+        def on_round(metrics: RoundMetrics) -> None:
+            log.info(describe(metrics))
+            if metrics.test_accuracy is not None:
+                bar.set_postfix(acc=f"{metrics.test_accuracy:.4f}", loss=f"{metrics.test_loss:.3f}")
+            bar.update(1)
+
+        yield on_round
 
 
 def run_with_progress(coordinator: Coordinator, stop: threading.Event, progress: bool = True) -> list[RoundMetrics]:
     """Start, run every remaining round, close; one progress-bar step per round."""
     coordinator.start()
-    total, done = coordinator.config.rounds, coordinator.completed_round
     try:
-        with logging_redirect_tqdm(), tqdm(total=total, initial=done, unit="round", disable=not progress) as bar:
-
-            def on_round(metrics: RoundMetrics) -> None:
-                log.info(describe(metrics))
-                if metrics.test_accuracy is not None:
-                    bar.set_postfix(acc=f"{metrics.test_accuracy:.4f}", loss=f"{metrics.test_loss:.3f}")
-                bar.update(1)
-
+        with round_progress(coordinator.config.rounds, coordinator.completed_round, progress) as on_round:
             coordinator.on_round = on_round
             return coordinator.run(stop)
     finally:

@@ -26,7 +26,7 @@ import numpy as np
 from coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from coordinator.errors import AggregationError, CoordinatorError
 from coordinator.metrics import RoundMetrics, append_jsonl
-from coordinator.strategy import Aggregation, ClientUpdate, Strategy
+from coordinator.strategy import Aggregation, ClientUpdate, Strategy, privacy_spent
 from edge_client.chunks import DEFAULT_MAX_CHUNK, Reassembler, split
 from edge_client.errors import ProtocolError
 from edge_client.frames import Frame, decode_frame, encode_frame, validate_frame
@@ -71,7 +71,6 @@ class _OpenRound:
     aggregation: Aggregation
     metrics: RoundMetrics
     accepted: set[str] = field(default_factory=set)
-    weighted: dict[str, float] = field(default_factory=dict)  # sum of n * metric
 
 
 class Coordinator:
@@ -206,11 +205,7 @@ class Coordinator:
         t0 = time.perf_counter()
         self.global_weights = open_.aggregation.finish()
         metrics.aggregate_seconds = time.perf_counter() - t0
-        metrics.clients_answered = len(open_.accepted)
-        total = metrics.num_examples
-        if total:
-            metrics.train_loss = open_.weighted.get("loss", float("nan")) / total
-            metrics.train_accuracy = open_.weighted.get("accuracy", float("nan")) / total
+        metrics.dp_epsilon = privacy_spent(self.strategy)
         t0 = time.perf_counter()
         scores = self.strategy.evaluate(open_.number, self.global_weights) or {}
         metrics.evaluate_seconds = time.perf_counter() - t0
@@ -321,13 +316,7 @@ class Coordinator:
             raise ProtocolError("not_selected", f"{client} was not selected for round {open_.number}")
         open_.aggregation.add(ClientUpdate(client, frame.tensors, frame.num_examples, dict(frame.metrics)))
         open_.accepted.add(client)
-        open_.metrics.num_examples += frame.num_examples
-        for key in ("loss", "accuracy"):
-            if key in frame.metrics:
-                open_.weighted[key] = open_.weighted.get(key, 0.0) + frame.num_examples * frame.metrics[key]
-        if "train_seconds" in frame.metrics:
-            slowest = open_.metrics.slowest_client_seconds or 0.0
-            open_.metrics.slowest_client_seconds = max(slowest, frame.metrics["train_seconds"])
+        open_.metrics.record_update(frame.num_examples, frame.metrics)
         self._ack(client, Ack(open_.number, "accepted"))
         log.debug(
             "round %d: update from %s accepted (%d/%d)", open_.number, client, len(open_.accepted), len(open_.selected)

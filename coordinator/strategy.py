@@ -126,3 +126,9 @@ class FedAvg:
 
     def evaluate(self, server_round: int, weights: Weights) -> dict[str, float] | None:
         return None if self._evaluate_fn is None else self._evaluate_fn(weights)
+
+
+def privacy_spent(strategy: Strategy) -> float | None:
+    """Epsilon spent so far by a differentially private strategy; None for the others."""
+    spent = getattr(strategy, "privacy_spent", None)
+    return None if spent is None else spent()

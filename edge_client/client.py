@@ -49,15 +49,16 @@ from edge_client.chunks import Reassembler, parse_chunk, split, transfer_id_for
 from edge_client.codecs import get_codec
 from edge_client.config import ClientConfig
 from edge_client.data import load_csv, load_image_folder, load_npz, prepare_for_model
+from edge_client.error_feedback import ErrorFeedback
 from edge_client.errors import DataError, EdgeClientError, ManifestError, ProtocolError, StateError, TransportError
-from edge_client.frames import Frame, decode_frame, encode_frame, validate_frame
+from edge_client.frames import Frame, decode_frame, validate_frame
 from edge_client.manifest import Manifest
 from edge_client.messages import Ack, ModelMeta, Presence, RoundAnnouncement
 from edge_client.model_file import sha256_hex
 from edge_client.runtime import TrainableModel
 from edge_client.state import PendingUpdate, Progress, StateStore
+from edge_client.training import TrainingDiverged, encode_update, train_local, uses_error_feedback
 from edge_client.transport import Message, Transport
-from edge_client.weights import NamedArray
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,7 @@ class EdgeClient:
         self.announcement: RoundAnnouncement | None = None
         self.progress = Progress()
         self._upload: _Upload | None = None
+        self._feedback = ErrorFeedback()  # residuals of lossy update codecs, per tensor
         self._waiting: str | None = None  # why the current round is not being trained (logged once)
         self._stop: threading.Event | None = None
         self._started = False
@@ -386,6 +388,9 @@ class EdgeClient:
             self.progress = Progress(model_sha256=digest)
             if persist:
                 self._save_progress()
+        if previous != digest:
+            self._feedback.reset()  # residuals of another model mean nothing for this one
+            self._restore_residuals(digest)
         self._waiting = None
         if persist:  # at start() the data is prepared once the raw data is loaded
             self._prepare_data()
@@ -515,59 +520,55 @@ class EdgeClient:
 
     def _train(self, ann: RoundAnnouncement) -> None:
         assert self.model is not None and self.global_frame is not None and self._data is not None
-        r, model, x, y = ann.round, self.model, *self._data
+        r, x, y = ann.round, *self._data
         log.info("round %d: training on %d examples, %d epoch(s), lr %g, mu %g", r, len(x), ann.epochs, ann.lr, ann.mu)
-        began = time.monotonic()
-        losses, accuracies = [], []
+        stop = self._stop
+
+        def interrupted() -> bool:
+            return stop is not None and stop.is_set()
+
         try:
-            model.set_weights(self.global_frame.tensors)
-            for _ in range(ann.epochs):
-                if self._stop is not None and self._stop.is_set():
-                    log.info("round %d: training interrupted by shutdown", r)
-                    return  # not marked trained: after a restart it may train again if the round is open
-                if self.clock() >= ann.deadline:
-                    break
-                metrics = model.fit(x, y, epochs=1, lr=ann.lr, mu=ann.mu, rng=self._rng)
-                losses.append(metrics.loss)
-                if metrics.accuracy is not None:
-                    accuracies.append(metrics.accuracy)
-            local = model.get_weights()
+            training = train_local(
+                self.model,
+                self.global_frame.tensors,
+                x,
+                y,
+                epochs=ann.epochs,
+                lr=ann.lr,
+                mu=ann.mu,
+                rng=self._rng,
+                keep_going=lambda: not interrupted() and self.clock() < ann.deadline,
+            )
+        except TrainingDiverged as exc:
+            log.error("round %d: %s; not sending", r, exc)
+            self._finish_round(r)
+            return
         except Exception:
             log.exception("round %d: training failed", r)
             self._finish_round(r)
             return
-        elapsed = time.monotonic() - began
-        if self.clock() >= ann.deadline:
-            log.warning("too slow for round %d: training (%.1f s) ended after the deadline; not sending", r, elapsed)
+        if interrupted():
+            log.info("round %d: training interrupted by shutdown", r)
+            return  # not marked trained: after a restart it may train again if the round is open
+        if training is None or self.clock() >= ann.deadline:
+            log.warning("too slow for round %d: training ended after the deadline; not sending", r)
             self._finish_round(r)
             return
-        delta = []
-        for (name, trained), (_, start) in zip(local, self.global_frame.tensors, strict=True):
-            delta.append(NamedArray(name, np.asarray(trained, np.float32) - np.asarray(start, np.float32)))
-        # train_seconds lets the coordinator tell slow boards from protocol overhead.
-        metrics_out = {"loss": float(np.mean(losses)), "train_seconds": elapsed}
-        if accuracies:
-            metrics_out["accuracy"] = float(np.mean(accuracies))
-        if not all(np.isfinite(v) for v in metrics_out.values()) or not all(np.isfinite(d.array).all() for d in delta):
-            log.error("round %d: training diverged (NaN or Inf); not sending. Try a lower learning rate", r)
-            self._finish_round(r)
-            return
-        frame = Frame(
-            kind="update",
-            round=r,
-            model_sha256=ann.model_sha256,
-            tensors=delta,
-            codec=ann.codec,
-            client_id=self.client_id,
-            num_examples=len(x),
-            metrics=metrics_out,
-        )
         try:
-            payload = encode_frame(frame)
+            payload = encode_update(
+                training,
+                round=r,
+                model_sha256=ann.model_sha256,
+                client_id=self.client_id,
+                codec=ann.codec,
+                feedback=self._feedback,
+            )
         except ProtocolError as exc:
             log.error("round %d: cannot encode the update with codec %r: %s; not sending", r, ann.codec, exc)
             self._finish_round(r)
             return
+        if uses_error_feedback(ann.codec):
+            self._save_residuals()
         digest = sha256_hex(payload)
         pending = PendingUpdate(r, ann.model_sha256, digest, len(payload))
         self.progress = replace(self.progress, trained_round=r, pending=pending)
@@ -576,12 +577,20 @@ class EdgeClient:
         chunks = split(payload, self._chunk_size, transfer_id=bytes.fromhex(digest)[:16])
         self._upload = _Upload(r, ann.model_sha256, payload, chunks)
         log.info(
-            "round %d: trained in %.1f s (%s); update of %d bytes",
+            "round %d: trained in %.1f s (%s); update of %d bytes (%s)",
             r,
-            elapsed,
-            ", ".join(f"{k} {v:.4f}" for k, v in metrics_out.items()),
+            training.metrics["train_seconds"],
+            ", ".join(f"{k} {v:.4f}" for k, v in training.metrics.items()),
             len(payload),
+            ann.codec,
         )
+
+    def _save_residuals(self) -> None:
+        assert self.model_sha256 is not None
+        try:
+            self.store.save_residuals(self.model_sha256, self._feedback.state_dict())
+        except StateError as exc:
+            log.error("%s; error-feedback residuals stay in memory only", exc)
 
     def _finish_round(self, r: int) -> None:
         """Mark round ``r`` trained (it is never trained again) and settled."""
@@ -732,6 +741,15 @@ class EdgeClient:
         if stored_global is not None:
             data, frame = stored_global
             self.global_frame, self._global_transfer = frame, transfer_id_for(data)
+
+    def _restore_residuals(self, digest: str) -> None:
+        stored = self.store.load_residuals(digest)
+        if stored:
+            try:
+                self._feedback.load_state_dict(stored)
+                log.info("restored error-feedback residuals for %d tensors", len(stored))
+            except EdgeClientError as exc:
+                log.warning("ignoring the stored error-feedback residuals: %s", exc)
 
     # -- data ------------------------------------------------------------------------
     def _load_raw_data(self) -> None:

@@ -7,6 +7,7 @@ Layout of the state directory::
     global.bin      the last global-weights frame, raw frame bytes (CRC-checked)
     pending.bin     the encoded update frame awaiting an ack, raw frame bytes
     progress.json   rounds trained and acknowledged, and which pending.bin is current
+    residuals.npz   error-feedback residuals of a lossy update codec (per tensor, float32)
 
 Every file is written atomically: a temporary file in the same directory,
 ``fsync``, ``os.replace`` and an ``fsync`` of the directory. A board that
@@ -22,13 +23,17 @@ Loads never raise for bad content; only an unusable directory raises
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from edge_client.errors import EdgeClientError, ProtocolError, StateError
 from edge_client.frames import Frame, decode_frame, validate_frame
@@ -42,6 +47,8 @@ MANIFEST_FILE = "model.json"
 GLOBAL_FILE = "global.bin"
 PENDING_FILE = "pending.bin"
 PROGRESS_FILE = "progress.json"
+RESIDUALS_FILE = "residuals.npz"
+_RESIDUAL_PREFIX = "tensor:"
 PROGRESS_VERSION = 1
 _TMP_PREFIX = ".tmp-"
 
@@ -314,3 +321,33 @@ class StateStore:
             log.warning("ignoring the pending update %s: %s", self.path(PENDING_FILE), exc)
             return None
         return data
+
+    # -- error-feedback residuals ----------------------------------------------------
+    def save_residuals(self, model_sha256: str, residuals: dict[str, np.ndarray]) -> None:
+        """Write the residuals of ``model_sha256`` (plain arrays, read back without pickle)."""
+        buffer = io.BytesIO()
+        arrays = {_RESIDUAL_PREFIX + name: np.asarray(value, np.float32) for name, value in residuals.items()}
+        np.savez(buffer, model_sha256=np.array(model_sha256), **arrays)
+        self._write(RESIDUALS_FILE, buffer.getvalue())
+
+    def load_residuals(self, model_sha256: str) -> dict[str, np.ndarray] | None:
+        """The stored residuals if they are intact and belong to ``model_sha256``, else None."""
+        raw = self._read(RESIDUALS_FILE)
+        if raw is None:
+            return None
+        try:
+            with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
+                if str(archive["model_sha256"]) != model_sha256:
+                    log.info("ignoring %s: it belongs to another model", self.path(RESIDUALS_FILE))
+                    return None
+                return {
+                    key[len(_RESIDUAL_PREFIX) :]: archive[key]
+                    for key in archive.files
+                    if key.startswith(_RESIDUAL_PREFIX)
+                }
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            log.warning("ignoring %s: damaged (%s)", self.path(RESIDUALS_FILE), exc)
+            return None
+
+    def clear_residuals(self) -> None:
+        self._remove(RESIDUALS_FILE)

@@ -686,3 +686,39 @@ def test_the_client_imports_no_tensorflow_converter_coordinator_or_paho(run_with
     from tests.helpers import json_output
 
     assert json_output(run_without_tensorflow(IMPORTS_WITHOUT_TENSORFLOW)) == []
+
+
+# -- error feedback ------------------------------------------------------------------
+
+
+def test_a_lossy_codec_keeps_what_it_dropped_for_the_next_round(h):
+    client = h.client()
+    start = initial_weights(h.tabular)
+    h.bootstrap(round=3, weights=start, codec="topk:0.1", epochs=2, lr=0.05)
+    h.pump(client, until=lambda: h.coordinator.updates)
+    frame = decode_update(h, h.coordinator.updates[0], round=3)
+    trained = client.model.get_weights()
+    residuals = h.tmp_path / "state" / "residuals.npz"
+    assert residuals.is_file()
+    dropped = 0
+    for (name, sent), (_, g), (_, w) in zip(frame.tensors, start, trained, strict=True):
+        residual = client._feedback.residual(name)
+        # What was sent plus what was kept back is the whole delta of this first round.
+        np.testing.assert_allclose(sent + residual, w - g, rtol=0, atol=1e-6, err_msg=name)
+        dropped += int(np.count_nonzero(residual))
+    assert dropped > 0, "top-10% should have held some of the delta back"
+
+    h.coordinator.ack(3, "accepted")
+    h.pump(client, until=lambda: client.progress.acked_round == 3)
+    kept = {name: client._feedback.residual(name) for name, _ in start}
+    client.transport.drop()
+    second = h.client()  # after a reboot the residuals come back from the state directory
+    for name, residual in kept.items():
+        np.testing.assert_array_equal(second._feedback.residual(name), residual)
+
+
+def test_float32_updates_need_no_residuals(h):
+    client = h.client()
+    h.bootstrap(round=1)
+    h.pump(client, until=lambda: h.coordinator.updates)
+    assert not (h.tmp_path / "state" / "residuals.npz").exists()
