@@ -19,6 +19,8 @@ from coordinator.plots import plot_rounds
         ("litefed-coordinator", ["--model", "--broker", "--min-fit", "--round-timeout", "--test-data", "examples:"]),
         ("litefed-emulate", ["--clients", "--partition", "dirichlet:ALPHA", "--broker", "--data", "examples:"]),
         ("litefed-broker", ["--kind", "--port"]),
+        ("litefed-simulate", ["--clients", "--workers", "--partition", "--dp-clip", "--target-accuracy", "examples:"]),
+        ("litefed-plot", ["--label", "--out"]),
         ("litefed-client", ["--config", "--broker", "--client-id", "--data"]),
     ],
 )
@@ -106,3 +108,31 @@ def test_krum_refuses_too_few_clients_with_a_clear_error():
     args = cli.build_parser().parse_args(["--model", "m.tflite", "--strategy", "krum"])  # min-fit 2 < 2f+3
     with pytest.raises(CoordinatorError, match="2f \\+ 3"):
         make_strategy(args, RoundConfig(), None)
+
+
+def test_dp_options_wrap_the_named_strategy(tabular):
+    from coordinator.privacy import DifferentialPrivacy
+    from coordinator.runner import build_strategy
+    from coordinator.strategies import FedAvgM
+
+    argv = ["--model", "m", "--strategy", "fedavgm", "--dp-clip", "0.5", "--dp-noise", "1.2", "--dp-delta", "1e-6"]
+    args = cli.build_parser().parse_args(argv)
+    strategy = build_strategy(args, tabular.model_path)
+    assert isinstance(strategy, DifferentialPrivacy) and isinstance(strategy.strategy, FedAvgM)
+    assert (strategy.clip_norm, strategy.noise_multiplier, strategy.delta) == (0.5, 1.2, 1e-6)
+    plain = build_strategy(cli.build_parser().parse_args(["--model", "m"]), tabular.model_path)
+    assert not isinstance(plain, DifferentialPrivacy)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--dp-noise", "1.0"], "--dp-noise needs --dp-clip"),
+        (["--dp-clip", "0"], "--dp-clip must be positive"),
+        (["--dp-clip", "1", "--dp-delta", "2"], "--dp-delta in (0, 1)"),
+    ],
+)
+def test_inconsistent_dp_options_are_refused_before_anything_runs(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--model", "missing.tflite", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

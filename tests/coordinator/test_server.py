@@ -353,3 +353,24 @@ def test_waiting_too_long_for_clients_is_a_clear_error(model_path, tmp_path):
     running = Running(_coordinator(InMemoryBroker(), model_path, tmp_path, wait_for_clients=0.2))
     error = running.join(5)
     assert isinstance(error, CoordinatorError) and "lower --min-available" in str(error)
+
+
+def test_a_private_round_clips_each_update_and_reports_epsilon(tabular, model_path, tmp_path):
+    from coordinator.privacy import DifferentialPrivacy, update_norm
+
+    broker = InMemoryBroker()
+    clients = [FakeClient(broker, f"pi-{i}") for i in range(3)]
+    inner = FedAvg(min_fit=3, min_available=3, round_config=RoundConfig(epochs=1, lr=0.05))
+    strategy = DifferentialPrivacy(inner, clip_norm=0.1, noise_multiplier=0.0)
+    running = Running(_coordinator(broker, model_path, tmp_path, strategy=strategy))
+    initial = running.coordinator.global_weights
+    deltas = [_delta(tabular, seed, scale=10.0) for seed in range(3)]  # far beyond the clip norm
+    for client, delta in zip(clients, deltas, strict=True):
+        client.wait_for(lambda c=client: c.rounds and c.globals.get(1))
+        client.send(_update(tabular, client.id, 1, delta, 1000))
+    assert running.join() is None
+    after = running.coordinator.global_weights
+    moved = [NamedArray(n, g - i) for (n, g), (_, i) in zip(after, initial, strict=True)]
+    assert update_norm(moved) <= 0.1 * (1 + 1e-5)  # the mean of three clipped updates
+    (line,) = read_jsonl(tmp_path / "metrics.jsonl")
+    assert line["dp_epsilon"] is None  # clipping without noise: infinite epsilon, written as null
