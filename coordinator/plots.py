@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
-def plot_rounds(runs: Mapping[str, Sequence[dict]], out: Path, title: str = "") -> Path:
+def plot_rounds(runs: Mapping[str, Sequence[dict]], out: Path, title: str = "", target: float | None = None) -> Path:
     """Plot test accuracy (left) and test/train loss (right) per round.
 
     ``runs`` maps a label to the run's metrics records (the lines of its
@@ -37,6 +37,8 @@ def plot_rounds(runs: Mapping[str, Sequence[dict]], out: Path, title: str = "") 
                     color=color,
                     label=f"{label} ({key.split('_')[0]})",
                 )
+    if target is not None:
+        acc_ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:g}")
     acc_ax.set(xlabel="round", ylabel="test accuracy", title="Test accuracy")
     loss_ax.set(xlabel="round", ylabel="loss", title="Loss")
     for ax in (acc_ax, loss_ax):
@@ -46,6 +48,37 @@ def plot_rounds(runs: Mapping[str, Sequence[dict]], out: Path, title: str = "") 
             ax.legend(fontsize="small")
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_accuracy_vs_bytes(
+    runs: Mapping[str, Sequence[dict]], out: Path, title: str = "", target: float | None = None
+) -> Path:
+    """Test accuracy against the cumulative megabytes clients uploaded: the cost of each run's codec."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label, records in runs.items():
+        uploaded, points = 0, []
+        for r in records:
+            uploaded += r.get("bytes_in") or 0
+            if r.get("test_accuracy") is not None:
+                points.append((uploaded / 1e6, r["test_accuracy"]))
+        if points:
+            ax.plot(*zip(*points, strict=True), ".-", label=label)
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:g}")
+    ax.set(xscale="log", xlabel="MB uploaded by clients (cumulative)", ylabel="test accuracy", title=title)
+    ax.grid(alpha=0.3, which="both")
+    if ax.lines:
+        ax.legend(fontsize="small")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

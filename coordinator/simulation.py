@@ -45,7 +45,7 @@ import numpy as np
 from coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from coordinator.errors import AggregationError, CoordinatorError
 from coordinator.metrics import RoundMetrics, append_jsonl
-from coordinator.strategy import ClientUpdate, FedAvg, RoundConfig, Strategy, privacy_spent
+from coordinator.strategy import Aggregation, ClientUpdate, FedAvg, RoundConfig, Strategy, privacy_spent
 from edge_client.error_feedback import ErrorFeedback
 from edge_client.errors import ProtocolError, WeightsError
 from edge_client.frames import Frame, decode_frame, encode_frame, validate_frame
@@ -271,7 +271,7 @@ class FederatedProcess:
             jobs.append(ClientJob(client_id, number, global_frame, x, y, config, seed, residuals))
         return jobs
 
-    def _accept(self, outcome: ClientOutcome, number: int, aggregation, metrics: RoundMetrics) -> None:
+    def _accept(self, outcome: ClientOutcome, number: int, aggregation: Aggregation, metrics: RoundMetrics) -> None:
         """Validate one update as the coordinator does and fold it in; reject with a reason otherwise."""
         if outcome.residuals is not None:
             self._save_residuals(outcome.client_id, outcome.residuals)

@@ -41,6 +41,11 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
     "iid-fedavgm": ("iid", FEDAVGM, "server momentum 0.5"),
     "iid-fedavgm-int8": ("iid", [*FEDAVGM, "--codec", "int8-channel"], "FedAvgM, int8 updates"),
     "iid-fedavgm-topk": ("iid", [*FEDAVGM, "--codec", "topk:0.1"], "FedAvgM, top-10% updates + error feedback"),
+    "iid-fedavgm-lr0.1": (
+        "iid",
+        ["--strategy", "fedavgm", "--lr", "0.1", "--server-lr", "1.0", "--server-momentum", "0.5"],
+        "server momentum 0.5, client lr 0.1",
+    ),
     "noniid-fedavg": ("noniid", FEDAVG, "FedAvg, as in the paper"),
     "noniid-fedavgm": ("noniid", FEDAVGM, "server momentum 0.5"),
 }
@@ -121,14 +126,16 @@ def report(rows: list[str], args: argparse.Namespace) -> str:
 
 def plots(rows: list[str], args: argparse.Namespace) -> None:
     sys.path.insert(0, str(REPO))
-    from coordinator.plots import plot_rounds
+    from coordinator.plots import plot_accuracy_vs_bytes, plot_rounds
 
     for partition in PARTITIONS:
         runs = {r: read_metrics(args.out / r) for r in rows if ROWS[r][0] == partition}
         runs = {k: v for k, v in runs.items() if v}
         if runs:
             title = f"MNIST CNN, 100 clients, C=0.1, E=5, B=10, {partition}"
-            print("plot:", plot_rounds(runs, args.out / f"{partition}.png", title))
+            print("plot:", plot_rounds(runs, args.out / f"{partition}.png", title, target=args.target))
+            path = args.out / f"{partition}-bytes.png"
+            print("plot:", plot_accuracy_vs_bytes(runs, path, f"Upload cost, {partition}", target=args.target))
 
 
 def main() -> int:

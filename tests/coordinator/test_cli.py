@@ -61,7 +61,18 @@ def test_codec_option_refuses_unknown_codecs(codec, capsys):
 def test_plot_draws_every_run(tmp_path):
     records = [{"round": r, "test_accuracy": 0.5 + r / 20, "test_loss": 1 / r, "train_loss": 1.2 / r} for r in (1, 2)]
     only_train = [{"round": 1, "test_accuracy": None, "test_loss": None, "train_loss": 0.9}]
-    out = plot_rounds({"a": records, "b": records, "c": only_train}, tmp_path / "p.png", "title")
+    out = plot_rounds({"a": records, "b": records, "c": only_train}, tmp_path / "p.png", "title", target=0.6)
+    assert out.read_bytes().startswith(b"\x89PNG") and out.stat().st_size > 10_000
+
+
+def test_accuracy_against_uploaded_bytes(tmp_path):
+    from coordinator.plots import plot_accuracy_vs_bytes
+
+    runs = {
+        codec: [{"round": r, "test_accuracy": 0.5 + r / 20, "bytes_in": size} for r in (1, 2, 3)]
+        for codec, size in (("float32", 6_000_000), ("int8", 1_500_000))
+    }
+    out = plot_accuracy_vs_bytes(runs, tmp_path / "bytes.png", "cost", target=0.6)
     assert out.read_bytes().startswith(b"\x89PNG") and out.stat().st_size > 10_000
 
 
