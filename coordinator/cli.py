@@ -34,7 +34,11 @@ Press Ctrl+C twice to stop at once.
 
 
 def add_round_arguments(
-    p: argparse.ArgumentParser, min_available: int | None = 2, min_fit: int | None = 2, mqtt: bool = True
+    p: argparse.ArgumentParser,
+    min_available: int | None = 2,
+    min_fit: int | None = 2,
+    mqtt: bool = True,
+    seed_help: str = "client sampling seed (default %(default)s)",
 ) -> None:
     """Options shared by ``litefed-coordinator``, ``litefed-emulate`` and (without ``mqtt``) ``litefed-simulate``."""
     if mqtt:
@@ -73,7 +77,7 @@ def add_round_arguments(
     d.add_argument("--dp-clip", type=float, help="clip each client's update to this L2 norm (enables DP)")
     d.add_argument("--dp-noise", type=float, default=0.0, help="noise multiplier z: std z*clip/clients (default 0)")
     d.add_argument("--dp-delta", type=float, default=1e-5, help="delta of the reported epsilon (default 1e-5)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--test-data", help="held-out set (default: the test split of --data, when it has one)")
     p.add_argument("--broker", default="auto", help="auto, mosquitto, amqtt, or the URL of a running broker")
-    add_round_arguments(p, min_available=None, min_fit=None)
+    add_round_arguments(p, min_available=None, min_fit=None, seed_help="seed of the partition and client sampling")
     return p
 
 

@@ -1,10 +1,10 @@
 """``litefed-simulate``: a federation of virtual clients in worker processes, no broker.
 
-Each virtual client trains the converted ``.tflite`` with the devices' own
+Each virtual client trains the converted .tflite with the devices' own
 training and encoding code; the strategies, partitioners, codecs, metrics
-and plots are those of ``litefed-emulate`` and ``litefed-coordinator``.
-Writes ``OUT/metrics.jsonl``, ``OUT/metrics.png`` and checkpoints: run the
-same command again to resume an interrupted run.
+and plots are those of litefed-emulate and litefed-coordinator. Writes
+OUT/metrics.jsonl, OUT/metrics.png and checkpoints: run the same command
+again to resume an interrupted run.
 """
 
 from __future__ import annotations
@@ -63,7 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="client processes; 0 trains in this process (default: cores, at most 4)",
     )
     p.add_argument("--target-accuracy", type=float, help="stop after the first round at or above this test accuracy")
-    add_round_arguments(p, min_available=None, min_fit=None, mqtt=False)
+    add_round_arguments(
+        p,
+        min_available=None,
+        min_fit=None,
+        mqtt=False,
+        seed_help="seed of the partition, client sampling, shuffling and DP noise (default %(default)s)",
+    )
     return p
 
 
