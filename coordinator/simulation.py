@@ -37,6 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,7 +160,13 @@ class ClientPool:
         if self._executor is None:
             assert self._local is not None
             return [run_client_job(self._local, job) for job in jobs]
-        return list(self._executor.map(_run_in_worker, jobs))
+        try:
+            return list(self._executor.map(_run_in_worker, jobs))
+        except BrokenProcessPool as exc:
+            raise CoordinatorError(
+                f"a client worker process died ({exc}); run again to resume from the last checkpoint, "
+                "or with --workers 0 to see the failure in this process"
+            ) from exc
 
     def close(self) -> None:
         if self._executor is not None:
@@ -184,10 +191,11 @@ class FederatedProcess:
 
     :meth:`next` trains every dataset it is given (the caller samples, as in
     TensorFlow Federated) with the strategy's :class:`RoundConfig`, or the one
-    passed. It is a function of its inputs: the strategy's state is loaded
-    from ``state`` first and the new one returned in the new state. Client
-    error-feedback residuals (lossy codecs) are client state: they live in
-    this object, or under ``client_state_dir/<client id>/`` when given.
+    passed. The strategy's state is loaded from ``state`` first and the new
+    one returned in the new state, so with float32 updates ``next`` is a
+    function of its inputs. Lossy codecs add client state, the clients'
+    error-feedback residuals: they live in this object, or under
+    ``client_state_dir/<client id>/`` when given, and advance with every call.
     """
 
     def __init__(

@@ -4,6 +4,8 @@ reproducible from a seed whatever the number of workers, resumable."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -213,3 +215,12 @@ def test_cli_errors_are_one_line(tabular, tmp_path):
     cmd = [sys.executable, "-m", "coordinator.simulate", "--dp-noise", "1", "--model", str(tabular.model_path)]
     bad = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert bad.returncode == 2 and "--dp-noise needs --dp-clip" in bad.stderr
+
+
+def test_a_dead_worker_is_a_clear_error(tabular):
+    with FederatedProcess(tabular.model_path, FedAvg(), workers=1) as process:
+        state = process.initialize()
+        worker = process._pool._executor.submit(os.getpid).result(timeout=60)
+        os.kill(worker, signal.SIGKILL)  # as the kernel's OOM killer would
+        with pytest.raises(CoordinatorError, match="worker process died"):
+            process.next(state, client_data(2))
