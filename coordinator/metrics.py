@@ -11,7 +11,14 @@ from pathlib import Path
 
 @dataclass
 class RoundMetrics:
-    """What happened in one completed round."""
+    """What happened in one completed round.
+
+    ``bytes_in`` is what the server received (MQTT payloads, or in the
+    simulator the update frames). ``bytes_out`` is what the MQTT coordinator
+    published to the broker, once per message however many boards receive
+    it; in the simulator, where there is no broker, it is the global frame
+    times the clients selected, i.e. what the boards would download.
+    """
 
     round: int
     clients_selected: int = 0
