@@ -17,7 +17,7 @@ from coordinator.plots import plot_rounds
     ("command", "expected"),
     [
         ("litefed-coordinator", ["--model", "--broker", "--min-fit", "--round-timeout", "--test-data", "examples:"]),
-        ("litefed-emulate", ["--clients", "--partition", "dirichlet:ALPHA", "--broker", "--data", "examples:"]),
+        ("litefed-emulate", ["--clients", "--partition", "dirichlet:ALPHA", "--broker", "--data", "--batch-size"]),
         ("litefed-broker", ["--kind", "--port"]),
         ("litefed-simulate", ["--clients", "--workers", "--partition", "--dp-clip", "--target-accuracy", "examples:"]),
         ("litefed-plot", ["--label", "--out"]),
