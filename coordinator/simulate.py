@@ -22,7 +22,7 @@ log = logging.getLogger("litefed.simulate")
 
 EPILOG = """\
 examples:
-  litefed-simulate --clients 10 --rounds 5 --out runs/sim
+  litefed-simulate --clients 10 --rounds 5 --epochs 2 --lr 0.05 --out runs/sim
   litefed-simulate --data ../shared/data/mnist.npz --clients 100 --fraction-fit 0.1 --epochs 5 \\
       --batch-size 10 --lr 0.05 --partition shards:2 --rounds 300 --target-accuracy 0.99 --out runs/noniid
   litefed-simulate --strategy fedavgm --server-lr 1.0 --server-momentum 0.9 --out runs/fedavgm
