@@ -82,6 +82,23 @@ def add_round_arguments(
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def add_local_federation_arguments(p: argparse.ArgumentParser, clients: int, clients_help: str, out: str) -> None:
+    """Model, data and partition options shared by ``litefed-emulate`` and ``litefed-simulate``."""
+    from coordinator.partition import parse_partition
+
+    p.add_argument("--clients", type=int, default=clients, help=f"{clients_help} (default %(default)s)")
+    p.add_argument("--partition", type=parse_partition, default="iid", help="iid, dirichlet:ALPHA or shards:K")
+    p.add_argument("--out", type=Path, default=Path(out), help="output directory (default %(default)s)")
+    p.add_argument("--model", type=Path, help="converted model (default: the built-in MNIST CNN)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size of the built-in model (default 32)")
+    p.add_argument(
+        "--data",
+        default="mnist-small",
+        help="training data: mnist-small (bundled), mnist (full; Keras cache or download), or an .npz file",
+    )
+    p.add_argument("--test-data", help="held-out set (default: the test split of --data, when it has one)")
+
+
 def check_round_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse option combinations that cannot work, before anything is loaded (exits with 2)."""
     if args.dp_noise and args.dp_clip is None:

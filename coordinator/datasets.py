@@ -87,38 +87,41 @@ def load_test_set(spec: str, manifest: Manifest) -> tuple[np.ndarray, np.ndarray
     with ``x``/``y`` or ``x_test``/``y_test`` arrays. uint8 inputs are
     scaled to [0, 1], as the training data of the bundled models is.
     """
+    return _load_split(spec, "test", manifest, "test set")
+
+
+def load_training_data(spec: str, manifest: Manifest) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """``(x, y, test_spec)`` for ``--data``: mnist-small, mnist, or an ``.npz`` file
+    with ``x``/``y`` or ``x_train``/``y_train`` arrays.
+
+    ``test_spec`` names the held-out split of the same source, or is None
+    when the file has none. uint8 inputs are scaled to [0, 1].
+    """
+    x, y = _load_split(spec, "train", manifest, "training data")
+    test = spec if spec in ("mnist-small", "mnist") or _holds(Path(spec), "x_test") else None
+    return x, y, test
+
+
+def _load_split(spec: str, split: str, manifest: Manifest, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ``split`` ("train" or "test") of MNIST or of an ``.npz`` file, scaled and shaped for ``manifest``."""
     if spec in ("mnist-small", "mnist"):
         data = load_bundled_mnist() if spec == "mnist-small" else load_mnist()
-        x, y = data.x_test, data.y_test
+        x, y = (data.x_train, data.y_train) if split == "train" else (data.x_test, data.y_test)
     else:
         path = Path(spec)
         if not path.is_file():
-            raise FileNotFoundError(f"test set {spec!r}: no such file (use mnist-small or an .npz path)")
-        with np.load(path, allow_pickle=False) as archive:
-            keys = ("x_test", "y_test") if "x_test" in archive.files else ("x", "y")
-            x, y = load_npz(path, *keys)
+            raise FileNotFoundError(f"{what} {spec!r}: no such file (use mnist-small, mnist or an .npz path)")
+        keys = (f"x_{split}", f"y_{split}") if _holds(path, f"x_{split}") else ("x", "y")
+        x, y = load_npz(path, *keys)
     if x.dtype == np.uint8:
         x = x.astype(np.float32) / 255.0
     return prepare_for_model(x, y, manifest)
 
 
-def load_training_data(spec: str, manifest: Manifest) -> tuple[np.ndarray, np.ndarray, str | None]:
-    """``(x, y, test_spec)`` for ``--data``: mnist-small, mnist, or an ``.npz`` file.
-
-    ``test_spec`` names the held-out split of the same source, or is None
-    when the file has none. uint8 inputs are scaled to [0, 1].
-    """
-    if spec in ("mnist-small", "mnist"):
-        data = load_bundled_mnist() if spec == "mnist-small" else load_mnist()
-        x, y, test = data.x_train, data.y_train, spec
-    else:
-        if not Path(spec).is_file():
-            raise FileNotFoundError(f"training data {spec!r}: no such file (use mnist-small, mnist or an .npz path)")
-        with np.load(spec, allow_pickle=False) as archive:
-            keys = ("x_train", "y_train") if "x_train" in archive.files else ("x", "y")
-            x, y = archive[keys[0]], archive[keys[1]]
-            test = spec if "x_test" in archive.files else None
-    if x.dtype == np.uint8:
-        x = x.astype(np.float32) / 255.0
-    x, y = prepare_for_model(x, y, manifest)
-    return x, y, test
+def _holds(path: Path, key: str) -> bool:
+    """Whether the ``.npz`` at ``path`` has array ``key`` (False for an unreadable file: load_npz says why)."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return key in archive.files
+    except (OSError, ValueError):
+        return False

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import signal
 import subprocess
@@ -45,8 +44,7 @@ class ClientProcess:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from coordinator.cli import add_round_arguments
-    from coordinator.partition import parse_partition
+    from coordinator.cli import add_local_federation_arguments, add_round_arguments
 
     p = argparse.ArgumentParser(
         prog="litefed-emulate",
@@ -54,17 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--clients", type=int, default=4, help="client processes to start (default %(default)s)")
-    p.add_argument("--partition", type=parse_partition, default="iid", help="iid, dirichlet:ALPHA or shards:K")
-    p.add_argument("--out", type=Path, default=Path("runs/emulation"), help="output directory (default %(default)s)")
-    p.add_argument("--model", type=Path, help="converted model (default: the built-in MNIST CNN)")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size of the built-in model (default 32)")
-    p.add_argument(
-        "--data",
-        default="mnist-small",
-        help="training data: mnist-small (bundled), mnist (full; Keras cache or download), or an .npz file",
-    )
-    p.add_argument("--test-data", help="held-out set (default: the test split of --data, when it has one)")
+    add_local_federation_arguments(p, clients=4, clients_help="client processes to start", out="runs/emulation")
     p.add_argument("--broker", default="auto", help="auto, mosquitto, amqtt, or the URL of a running broker")
     add_round_arguments(p, min_available=None, min_fit=None, seed_help="seed of the partition and client sampling")
     return p
@@ -139,23 +127,6 @@ def _watch_clients(clients: list[ClientProcess], stop: threading.Event, done: th
             stop.set()
 
 
-def summarize(history, started: float, out: Path) -> str:
-    if not history:
-        return "no round completed"
-    last = history[-1]
-    accuracies = [m.test_accuracy for m in history if m.test_accuracy is not None]
-    lines = [
-        f"rounds completed: {last.round}",
-        f"wall time: {time.monotonic() - started:.1f} s",
-        f"bytes in/out: {sum(m.bytes_in for m in history):,} / {sum(m.bytes_out for m in history):,}",
-        f"rejected updates: {sum(m.clients_rejected for m in history)}",
-    ]
-    if accuracies:
-        lines.insert(1, f"final test accuracy: {accuracies[-1]:.4f} (best {max(accuracies):.4f})")
-    lines.append(f"metrics: {out / 'metrics.jsonl'}, plot: {out / 'metrics.png'}")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     from coordinator.cli import check_round_arguments, make_transport, setup_logging, signal_handlers
 
@@ -176,27 +147,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _emulate(args: argparse.Namespace, stop: threading.Event, make_transport) -> int:
     from coordinator.broker import EmbeddedBroker
-    from coordinator.builtin_models import builtin_model
-    from coordinator.datasets import load_training_data
     from coordinator.errors import CoordinatorError
-    from coordinator.metrics import read_jsonl
-    from coordinator.plots import plot_rounds
-    from coordinator.runner import build_coordinator, run_with_progress
+    from coordinator.runner import build_coordinator, prepare_local_federation, report_local_run, run_with_progress
     from edge_client.errors import EdgeClientError
-    from edge_client.manifest import load_manifest, manifest_path_for
 
     started = time.monotonic()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    args.model = args.model or builtin_model("mnist_cnn", args.batch_size)
-    manifest = load_manifest(manifest_path_for(args.model))
-    x, y, test = load_training_data(args.data, manifest)
-    args.test_data = args.test_data or test
-    parts = args.partition(y, args.clients, np.random.default_rng(args.seed))
-    log.info("%d examples split %s among %d clients (sizes %d..%d)", len(x), args.partition, args.clients,
-             min(map(len, parts)), max(map(len, parts)))  # fmt: skip
-    args.min_available = args.min_available or args.clients
-    args.min_fit = args.min_fit or max(1, math.ceil(args.fraction_fit * args.clients))
+    x, y, parts = prepare_local_federation(args)
     args.wait_for_clients = args.wait_for_clients or 300.0
 
     broker = None
@@ -222,10 +180,7 @@ def _emulate(args: argparse.Namespace, stop: threading.Event, make_transport) ->
         stop_clients(clients)
         if broker is not None:
             broker.stop()
-    records = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
-    if records:
-        plot_rounds({f"{args.clients} clients, {args.partition}": records}, out / "metrics.png", "litefed emulation")
-    print(summarize(history, started, out))
+    report_local_run(history, started, out, f"{args.clients} clients, {args.partition}", "litefed emulation")
     return 0 if history else 1
 
 

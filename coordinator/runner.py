@@ -1,23 +1,29 @@
-"""Wiring for the command lines: build a coordinator from options and run it
-with a progress bar. Kept apart from :mod:`coordinator.cli` so the emulator
-builds the very same coordinator."""
+"""Wiring for the command lines: build a coordinator or a strategy from options
+and run it with a progress bar, and the set-up and report that the local runs
+(``litefed-emulate`` and ``litefed-simulate``) share. Kept apart from
+:mod:`coordinator.cli` so that ``--help`` stays light."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from coordinator.datasets import load_test_set
+from coordinator.builtin_models import builtin_model
+from coordinator.datasets import load_test_set, load_training_data
 from coordinator.errors import CoordinatorError
 from coordinator.evaluation import ServerEvaluator
-from coordinator.metrics import RoundMetrics
+from coordinator.metrics import RoundMetrics, read_jsonl
+from coordinator.plots import plot_rounds
 from coordinator.privacy import DifferentialPrivacy
 from coordinator.robust import FedMedian, FedTrimmedAvg, Krum
 from coordinator.server import Coordinator, CoordinatorConfig
@@ -29,16 +35,16 @@ from edge_client.transport import Transport
 log = logging.getLogger(__name__)
 
 
-def build_strategy(args: argparse.Namespace, model_path: Path, dp_seed: int | None = None) -> Strategy:
+def build_strategy(
+    args: argparse.Namespace, model_path: Path, dp_seed: int | None = None, eval_threads: int | None = None
+) -> Strategy:
     """The strategy (with its evaluator and round config) that the options describe."""
     manifest = load_manifest(manifest_path_for(model_path))
     lr = args.lr if args.lr is not None else float(manifest.optimizer["learning_rate"])
     evaluate = None
     if args.test_data:
         x, y = load_test_set(args.test_data, manifest)
-        evaluate = ServerEvaluator(
-            model_path.read_bytes(), manifest, x, y, num_threads=getattr(args, "eval_threads", None)
-        )
+        evaluate = ServerEvaluator(model_path.read_bytes(), manifest, x, y, num_threads=eval_threads)
         log.info("evaluating on %d held-out examples from %s", len(x), args.test_data)
     round_config = RoundConfig(epochs=args.epochs, lr=lr, mu=args.mu or 0.0, codec=args.codec)
     strategy = make_strategy(args, round_config, evaluate)
@@ -134,3 +140,52 @@ def run_with_progress(coordinator: Coordinator, stop: threading.Event, progress:
             return coordinator.run(stop)
     finally:
         coordinator.close()
+
+
+# -- local runs: litefed-emulate and litefed-simulate ------------------------------------
+
+
+def prepare_local_federation(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """``(x, y, parts)`` from the local-run options, one index array per client.
+
+    Resolves ``--model`` (the built-in MNIST CNN by default), loads ``--data``
+    (and its test split as the default ``--test-data``), splits it with
+    ``--partition`` and fills in ``--min-available`` / ``--min-fit`` from
+    ``--clients``.
+    """
+    args.model = args.model or builtin_model("mnist_cnn", args.batch_size)
+    manifest = load_manifest(manifest_path_for(args.model))
+    x, y, test = load_training_data(args.data, manifest)
+    args.test_data = args.test_data or test
+    parts = args.partition(y, args.clients, np.random.default_rng(args.seed))
+    log.info("%d examples split %s among %d clients (sizes %d..%d)", len(x), args.partition, args.clients,
+             min(map(len, parts)), max(map(len, parts)))  # fmt: skip
+    args.min_available = args.min_available or args.clients
+    args.min_fit = args.min_fit or max(1, math.ceil(args.fraction_fit * args.clients))
+    return x, y, parts
+
+
+def report_local_run(history: list[RoundMetrics], started: float, out: Path, label: str, title: str) -> list[dict]:
+    """Plot ``out/metrics.jsonl`` (every round, resumed runs included), print the summary; return the records."""
+    records = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+    if records:
+        plot_rounds({label: records}, out / "metrics.png", title)
+    print(summarize(history, started, out))
+    return records
+
+
+def summarize(history: list[RoundMetrics], started: float, out: Path) -> str:
+    if not history:
+        return "no round completed"
+    last = history[-1]
+    accuracies = [m.test_accuracy for m in history if m.test_accuracy is not None]
+    lines = [
+        f"rounds completed: {last.round}",
+        f"wall time: {time.monotonic() - started:.1f} s",
+        f"bytes in/out: {sum(m.bytes_in for m in history):,} / {sum(m.bytes_out for m in history):,}",
+        f"rejected updates: {sum(m.clients_rejected for m in history)}",
+    ]
+    if accuracies:
+        lines.insert(1, f"final test accuracy: {accuracies[-1]:.4f} (best {max(accuracies):.4f})")
+    lines.append(f"metrics: {out / 'metrics.jsonl'}, plot: {out / 'metrics.png'}")
+    return "\n".join(lines)

@@ -10,15 +10,11 @@ again to resume an interrupted run.
 from __future__ import annotations
 
 import argparse
-import logging
-import math
 import os
 import sys
 import threading
 import time
 from pathlib import Path
-
-log = logging.getLogger("litefed.simulate")
 
 EPILOG = """\
 examples:
@@ -36,8 +32,7 @@ depend only on --seed, not on --workers.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from coordinator.cli import add_round_arguments
-    from coordinator.partition import parse_partition
+    from coordinator.cli import add_local_federation_arguments, add_round_arguments
 
     p = argparse.ArgumentParser(
         prog="litefed-simulate",
@@ -45,17 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--clients", type=int, default=10, help="virtual clients (default %(default)s)")
-    p.add_argument("--partition", type=parse_partition, default="iid", help="iid, dirichlet:ALPHA or shards:K")
-    p.add_argument("--out", type=Path, default=Path("runs/simulation"), help="output directory (default %(default)s)")
-    p.add_argument("--model", type=Path, help="converted model (default: the built-in MNIST CNN)")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size of the built-in model (default 32)")
-    p.add_argument(
-        "--data",
-        default="mnist-small",
-        help="training data: mnist-small (bundled), mnist (full; Keras cache or download), or an .npz file",
-    )
-    p.add_argument("--test-data", help="held-out set (default: the test split of --data, when it has one)")
+    add_local_federation_arguments(p, clients=10, clients_help="virtual clients", out="runs/simulation")
     p.add_argument(
         "--workers",
         type=int,
@@ -92,33 +77,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _simulate(args: argparse.Namespace, stop: threading.Event) -> int:
-    import numpy as np
-
-    from coordinator.builtin_models import builtin_model
-    from coordinator.datasets import load_training_data
-    from coordinator.emulate import summarize
     from coordinator.errors import CoordinatorError
-    from coordinator.metrics import read_jsonl
-    from coordinator.plots import plot_rounds
-    from coordinator.runner import build_strategy, round_progress
+    from coordinator.runner import build_strategy, prepare_local_federation, report_local_run, round_progress
     from coordinator.simulation import Simulation, SimulationConfig
     from edge_client.errors import EdgeClientError
-    from edge_client.manifest import load_manifest, manifest_path_for
 
     started = time.monotonic()
     out = args.out
     try:
-        args.model = args.model or builtin_model("mnist_cnn", args.batch_size)
-        manifest = load_manifest(manifest_path_for(args.model))
-        x, y, test = load_training_data(args.data, manifest)
-        args.test_data = args.test_data or test
-        parts = args.partition(y, args.clients, np.random.default_rng(args.seed))
-        log.info("%d examples split %s among %d clients (sizes %d..%d)", len(x), args.partition, args.clients,
-                 min(map(len, parts)), max(map(len, parts)))  # fmt: skip
-        args.min_available = args.min_available or args.clients
-        args.min_fit = args.min_fit or max(1, math.ceil(args.fraction_fit * args.clients))
-        args.eval_threads = max(1, args.workers)  # the workers are idle while the server evaluates
-        strategy = build_strategy(args, Path(args.model), dp_seed=args.seed)  # seeded noise: research only
+        x, y, parts = prepare_local_federation(args)
+        # Seeded DP noise: research only. The workers are idle while the server evaluates.
+        strategy = build_strategy(args, Path(args.model), dp_seed=args.seed, eval_threads=max(1, args.workers))
         datasets = {f"client-{i:03d}": (x[idx], y[idx]) for i, idx in enumerate(parts)}
         config = SimulationConfig(
             model_path=Path(args.model),
@@ -135,11 +104,8 @@ def _simulate(args: argparse.Namespace, stop: threading.Event) -> int:
     except (CoordinatorError, EdgeClientError, FileNotFoundError, ValueError) as exc:
         print(f"litefed-simulate: error: {exc}", file=sys.stderr)
         return 1
-    records = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
-    if records:
-        label = f"{args.clients} clients, {args.partition}, {args.strategy}"
-        plot_rounds({label: records}, out / "metrics.png", "litefed simulation")
-    print(summarize(history, started, out))
+    label = f"{args.clients} clients, {args.partition}, {args.strategy}"
+    records = report_local_run(history, started, out, label, "litefed simulation")
     return 0 if records else 1
 
 

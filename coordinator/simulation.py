@@ -245,10 +245,10 @@ class FederatedProcess:
         config = config or getattr(self.strategy, "round_config", RoundConfig())
         if hasattr(self.strategy, "load_state_dict"):
             self.strategy.load_state_dict(dict(state.strategy_state))
-        global_frame = encode_frame(Frame("global", number, self.model_sha256, state.weights))
-        metrics = RoundMetrics(round=number, clients_selected=len(datasets))
-        metrics.bytes_out = len(global_frame) * len(datasets)  # what each selected device downloads
-        outcomes = self._pool.run(self.client_jobs(number, global_frame, datasets, config))
+        jobs = self.client_jobs(state, datasets, config)
+        metrics = RoundMetrics(round=number, clients_selected=len(jobs))
+        metrics.bytes_out = sum(len(job.global_frame) for job in jobs)  # what the selected devices download
+        outcomes = self._pool.run(jobs)
         t0 = time.perf_counter()
         aggregation = self.strategy.begin_aggregation(number, state.weights)
         for outcome in outcomes:  # client-id order: the sums do not depend on who finished first
@@ -268,10 +268,10 @@ class FederatedProcess:
         metrics.round_seconds = time.perf_counter() - started
         return ServerState(number, weights, _state_of(self.strategy)), metrics
 
-    def client_jobs(
-        self, number: int, global_frame: bytes, datasets: Mapping[str, Dataset], config: RoundConfig
-    ) -> list[ClientJob]:
-        """The jobs round ``number`` runs, in client-id order (each with its own seed and residuals)."""
+    def client_jobs(self, state: ServerState, datasets: Mapping[str, Dataset], config: RoundConfig) -> list[ClientJob]:
+        """The jobs of the round after ``state``, in client-id order, each with its seed and residuals."""
+        number = state.round + 1
+        global_frame = encode_frame(Frame("global", number, self.model_sha256, state.weights))  # encoded once
         jobs = []
         for index, (client_id, (x, y)) in enumerate(sorted(datasets.items())):
             seed = np.random.SeedSequence(self.seed, spawn_key=(number, _client_index(client_id, index)))

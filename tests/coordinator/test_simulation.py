@@ -59,19 +59,13 @@ def test_textbook_fedavg_is_the_weighted_mean_of_the_clients_models(tabular):
     data["client-002"] = (data["client-002"][0][:10], data["client-002"][1][:10])  # unequal sizes
     with build_fedavg_process(tabular.model_path, client_lr=0.05, epochs=1) as process:
         state = process.initialize()
-        jobs = process.client_jobs(1, _global_frame(process, state), data, RoundConfig(epochs=1, lr=0.05))
+        jobs = process.client_jobs(state, data, RoundConfig(epochs=1, lr=0.05))
         locals_ = [decode_frame(_run(tabular, job).payload) for job in jobs]
         new, _ = process.next(state, data)
     total = sum(f.num_examples for f in locals_)
     for k, (name, start) in enumerate(state.weights):
         expected = start + sum(f.num_examples * f.tensors[k].array.astype(np.float64) for f in locals_) / total
         np.testing.assert_allclose(new.weights[k].array, expected, rtol=1e-6, atol=1e-7, err_msg=name)
-
-
-def _global_frame(process, state):
-    from edge_client.frames import Frame, encode_frame
-
-    return encode_frame(Frame("global", state.round + 1, process.model_sha256, state.weights))
 
 
 def _run(tabular, job):

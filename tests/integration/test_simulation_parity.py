@@ -18,7 +18,6 @@ from coordinator.simulation import FederatedProcess, run_client_job
 from coordinator.strategies import FedAdam
 from coordinator.strategy import RoundConfig
 from edge_client.chunks import split
-from edge_client.frames import Frame, encode_frame
 from edge_client.messages import Ack, Presence, RoundAnnouncement
 from edge_client.runtime import TrainableModel
 from edge_client.topics import Topics
@@ -39,8 +38,7 @@ def test_mqtt_coordinator_and_simulator_agree_on_the_same_updates(broker_url, mq
     # In-process: the simulator's round, and the update frames its clients produce.
     with FederatedProcess(tabular.model_path, strategy(), seed=11) as process:
         start = process.initialize()
-        frame = encode_frame(Frame("global", 1, process.model_sha256, start.weights))
-        jobs = process.client_jobs(1, frame, data, strategy().round_config)  # before next() stores residuals
+        jobs = process.client_jobs(start, data, strategy().round_config)  # before next() stores residuals
         simulated, _ = process.next(start, data)
     runtime = TrainableModel.load(tabular.model_path, num_threads=1)  # as the simulator's in-process pool
     payloads = {job.client_id: run_client_job(runtime, job).payload for job in jobs}
