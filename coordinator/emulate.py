@@ -154,7 +154,11 @@ def _emulate(args: argparse.Namespace, stop: threading.Event, make_transport) ->
     started = time.monotonic()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    x, y, parts = prepare_local_federation(args)
+    try:
+        x, y, parts = prepare_local_federation(args)
+    except (CoordinatorError, EdgeClientError, FileNotFoundError, ValueError) as exc:
+        print(f"litefed-emulate: error: {exc}", file=sys.stderr)
+        return 1
     args.wait_for_clients = args.wait_for_clients or 300.0
 
     broker = None

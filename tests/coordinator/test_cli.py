@@ -147,3 +147,11 @@ def test_inconsistent_dp_options_are_refused_before_anything_runs(argv, message,
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--model", "missing.tflite", *argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_emulate_reports_missing_data_in_one_line(tmp_path, tabular, capsys):
+    code = emulate.main(["--model", str(tabular.model_path), "--data", str(tmp_path / "nope.npz"), "--out",
+                         str(tmp_path / "run")])  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "litefed-emulate: error: training data" in err and "nope.npz" in err and "Traceback" not in err
