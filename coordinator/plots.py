@@ -12,11 +12,9 @@ def plot_rounds(runs: Mapping[str, Sequence[dict]], out: Path, title: str = "", 
     ``runs`` maps a label to the run's metrics records (the lines of its
     ``metrics.jsonl``). Several runs share the axes, e.g. IID vs non-IID.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on servers and boards
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
 
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     for index, (label, records) in enumerate(runs.items()):
@@ -48,21 +46,14 @@ def plot_rounds(runs: Mapping[str, Sequence[dict]], out: Path, title: str = "", 
             ax.legend(fontsize="small")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_accuracy_vs_bytes(
     runs: Mapping[str, Sequence[dict]], out: Path, title: str = "", target: float | None = None
 ) -> Path:
     """Test accuracy against the cumulative megabytes clients uploaded: the cost of each run's codec."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for label, records in runs.items():
@@ -79,10 +70,23 @@ def plot_accuracy_vs_bytes(
     ax.grid(alpha=0.3, which="both")
     if ax.lines:
         ax.legend(fontsize="small")
+    return _save(fig, out)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and boards
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path) -> Path:
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     return out
 
 
