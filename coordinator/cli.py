@@ -58,6 +58,12 @@ def add_round_arguments(
     c = p.add_argument_group("client training")
     c.add_argument("--epochs", type=int, default=1, help="local epochs per round (default %(default)s)")
     c.add_argument("--lr", type=float, default=None, help="client learning rate (default: the manifest's)")
+    c.add_argument(
+        "--lr-decay",
+        type=float,
+        default=1.0,
+        help="multiply the client learning rate by this every round, in (0, 1] (default 1: constant)",
+    )
     c.add_argument("--mu", type=float, help="FedProx proximal weight (default 0; 0.01 with --strategy fedprox)")
     c.add_argument(
         "--codec",
@@ -105,6 +111,8 @@ def check_round_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
         parser.error("--dp-noise needs --dp-clip: the noise is calibrated to the clipping norm")
     if args.dp_clip is not None and not args.dp_clip > 0:
         parser.error(f"--dp-clip must be positive, got {args.dp_clip}")
+    if not 0 < args.lr_decay <= 1:
+        parser.error(f"--lr-decay must be in (0, 1], got {args.lr_decay}")
     if args.dp_noise < 0 or not 0 < args.dp_delta < 1:
         parser.error("--dp-noise must be >= 0 and --dp-delta in (0, 1)")
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from coordinator.aggregate import StreamingAverage
 from coordinator.errors import CoordinatorError
-from coordinator.strategy import Aggregation, ClientUpdate, RoundConfig, Strategy
+from coordinator.strategy import Aggregation, ClientUpdate, RoundConfig, Strategy, config_for_round
 from edge_client.weights import NamedArray, Weights
 
 __all__ = ["DifferentialPrivacy", "clip_update", "epsilon_spent", "update_norm"]
@@ -161,6 +161,9 @@ class DifferentialPrivacy:
     @property
     def round_config(self) -> RoundConfig:
         return getattr(self.strategy, "round_config", RoundConfig())
+
+    def config_for_round(self, server_round: int) -> RoundConfig:
+        return config_for_round(self.strategy, server_round)
 
     def configure_round(
         self, server_round: int, available: Sequence[str], rng: np.random.Generator

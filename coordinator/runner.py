@@ -83,6 +83,7 @@ def make_strategy(args: argparse.Namespace, round_config: RoundConfig, evaluate)
         min_available=args.min_available,
         round_config=round_config,
         evaluate_fn=evaluate,
+        lr_decay=args.lr_decay,
     )
     if args.server_lr is not None:
         common["server_lr"] = args.server_lr

@@ -46,7 +46,15 @@ import numpy as np
 from coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from coordinator.errors import AggregationError, CoordinatorError
 from coordinator.metrics import RoundMetrics, append_jsonl
-from coordinator.strategy import Aggregation, ClientUpdate, FedAvg, RoundConfig, Strategy, privacy_spent
+from coordinator.strategy import (
+    Aggregation,
+    ClientUpdate,
+    FedAvg,
+    RoundConfig,
+    Strategy,
+    config_for_round,
+    privacy_spent,
+)
 from edge_client.error_feedback import ErrorFeedback
 from edge_client.errors import ProtocolError, WeightsError
 from edge_client.frames import Frame, decode_frame, encode_frame, validate_frame
@@ -242,7 +250,7 @@ class FederatedProcess:
         if not datasets:
             raise CoordinatorError("next() needs at least one client dataset")
         number = state.round + 1
-        config = config or getattr(self.strategy, "round_config", RoundConfig())
+        config = config or config_for_round(self.strategy, number)
         if hasattr(self.strategy, "load_state_dict"):
             self.strategy.load_state_dict(dict(state.strategy_state))
         jobs = self.client_jobs(state, datasets, config)
@@ -315,6 +323,7 @@ def build_fedavg_process(
     *,
     client_lr: float = 0.02,
     server_lr: float = 1.0,
+    lr_decay: float = 1.0,
     epochs: int = 1,
     mu: float = 0.0,
     codec: str = "float32",
@@ -326,12 +335,14 @@ def build_fedavg_process(
 
     The client optimiser is the one converted into the model (its learning
     rate is an input of the ``train`` signature); ``client_lr=0.02,
-    server_lr=1.0`` is the textbook FedAvg setting.
+    server_lr=1.0`` is the textbook FedAvg setting. Round ``t`` trains at
+    ``client_lr * lr_decay**(t - 1)``.
     """
     strategy = FedAvg(
         round_config=RoundConfig(epochs=epochs, lr=client_lr, mu=mu, codec=codec),
         server_lr=server_lr,
         evaluate_fn=evaluate_fn,
+        lr_decay=lr_decay,
     )
     return FederatedProcess(model_path, strategy, workers=workers, seed=seed)
 

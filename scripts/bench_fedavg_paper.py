@@ -48,6 +48,12 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
     ),
     "noniid-fedavg": ("noniid", FEDAVG, "FedAvg, as in the paper"),
     "noniid-fedavgm": ("noniid", FEDAVGM, "server momentum 0.5"),
+    "noniid-fedavgm-m0.9": (
+        "noniid",
+        ["--strategy", "fedavgm", "--lr", "0.05", "--server-lr", "0.2", "--server-momentum", "0.9"],
+        "server momentum 0.9, server lr 0.2",
+    ),
+    "noniid-fedavgm-decay": ("noniid", [*FEDAVGM, "--lr-decay", "0.99"], "server momentum 0.5, client lr x0.99/round"),
 }
 
 

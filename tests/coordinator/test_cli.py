@@ -111,6 +111,17 @@ def test_fedprox_sends_its_mu_to_clients():
     assert config.mu == pytest.approx(0.3)
 
 
+def test_lr_decay_reaches_the_round_config_of_any_strategy():
+    from coordinator.runner import make_strategy
+    from coordinator.strategy import RoundConfig
+
+    for name in ("fedavg", "fedavgm", "fedyogi", "median"):
+        args = cli.build_parser().parse_args(["--model", "m.tflite", "--strategy", name, "--lr-decay", "0.5"])
+        strategy = make_strategy(args, RoundConfig(lr=0.1), None)
+        _, config = strategy.configure_round(3, ["a", "b"], np.random.default_rng(0))
+        assert config.lr == pytest.approx(0.025), name
+
+
 def test_krum_refuses_too_few_clients_with_a_clear_error():
     from coordinator.errors import CoordinatorError
     from coordinator.runner import make_strategy
@@ -141,9 +152,11 @@ def test_dp_options_wrap_the_named_strategy(tabular):
         (["--dp-noise", "1.0"], "--dp-noise needs --dp-clip"),
         (["--dp-clip", "0"], "--dp-clip must be positive"),
         (["--dp-clip", "1", "--dp-delta", "2"], "--dp-delta in (0, 1)"),
+        (["--lr-decay", "0"], "--lr-decay must be in (0, 1]"),
+        (["--lr-decay", "1.5"], "--lr-decay must be in (0, 1]"),
     ],
 )
-def test_inconsistent_dp_options_are_refused_before_anything_runs(argv, message, capsys):
+def test_inconsistent_round_options_are_refused_before_anything_runs(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--model", "missing.tflite", *argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err

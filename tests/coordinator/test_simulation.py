@@ -90,6 +90,18 @@ def test_workers_do_not_change_the_result(tabular):
     assert ma.train_loss == mb.train_loss  # (bytes differ by the digits of each train_seconds)
 
 
+def test_next_trains_each_round_at_the_decayed_lr(tabular):
+    data = client_data()
+    with build_fedavg_process(tabular.model_path, client_lr=0.2, lr_decay=0.25) as decayed:
+        one, _ = decayed.next(decayed.initialize(), data)
+        two, _ = decayed.next(one, data)
+    with build_fedavg_process(tabular.model_path, client_lr=0.2) as constant:
+        assert same_weights(constant.next(constant.initialize(), data)[0].weights, one.weights)
+        explicit, _ = constant.next(one, data, RoundConfig(lr=0.2 * 0.25))
+        undecayed, _ = constant.next(one, data)
+    assert same_weights(explicit.weights, two.weights) and not same_weights(undecayed.weights, two.weights)
+
+
 def test_different_seeds_train_differently(tabular):
     data = client_data()
     out = []

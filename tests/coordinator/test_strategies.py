@@ -323,3 +323,27 @@ def test_fedprox_round_config_carries_mu_and_aggregates_like_fedavg():
     global_weights = random_weights(np.random.default_rng(5))
     for a, b in zip(run(strategy, global_weights, rounds), run(FedAvg(), global_weights, rounds), strict=True):
         assert all(np.array_equal(x, y) for (_, x), (_, y) in zip(a, b, strict=True))
+
+
+# -- client learning-rate decay ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [FedAvg, FedAvgM, FedAdam, FedProx])
+def test_lr_decay_scales_the_announced_lr_per_round(cls):
+    strategy = cls(round_config=RoundConfig(epochs=2, lr=0.1), lr_decay=0.9)
+    rng = np.random.default_rng(0)
+    lrs = [strategy.configure_round(t, ["a", "b"], rng)[1].lr for t in (1, 2, 3, 11)]
+    np.testing.assert_allclose(lrs, [0.1, 0.09, 0.081, 0.1 * 0.9**10], rtol=1e-12)
+    assert strategy.config_for_round(3).epochs == 2 and strategy.round_config.lr == 0.1  # base untouched
+
+
+def test_without_decay_every_round_announces_the_same_config():
+    config = RoundConfig(epochs=3, lr=0.05, codec="int8")
+    strategy = FedAvg(round_config=config)
+    assert all(strategy.configure_round(t, ["a"], np.random.default_rng(t))[1] == config for t in (1, 7, 500))
+
+
+@pytest.mark.parametrize("decay", [0.0, -0.5, 1.01])
+def test_lr_decay_outside_unit_interval_is_refused(decay):
+    with pytest.raises(CoordinatorError, match="lr_decay"):
+        FedAvg(lr_decay=decay)
