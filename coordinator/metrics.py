@@ -30,6 +30,7 @@ class RoundMetrics:
     bytes_in: int = 0
     bytes_out: int = 0
     num_examples: int = 0
+    client_lr: float | None = None  # the learning rate the round asked of its clients (see --lr-decay)
     train_loss: float | None = None
     train_accuracy: float | None = None
     test_loss: float | None = None

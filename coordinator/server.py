@@ -169,6 +169,7 @@ class Coordinator:
         open_.selected |= set(chosen)
         open_.deadline = self._clock() + self.config.round_timeout
         open_.metrics.clients_selected = len(open_.selected)
+        open_.metrics.client_lr = round_config.lr
         # "selected" asks for an update: clients already accepted this round are not asked again,
         # while a restarted coordinator asks everyone (clients resend what it lost).
         announcement = RoundAnnouncement(

@@ -254,7 +254,7 @@ class FederatedProcess:
         if hasattr(self.strategy, "load_state_dict"):
             self.strategy.load_state_dict(dict(state.strategy_state))
         jobs = self.client_jobs(state, datasets, config)
-        metrics = RoundMetrics(round=number, clients_selected=len(jobs))
+        metrics = RoundMetrics(round=number, clients_selected=len(jobs), client_lr=config.lr)
         metrics.bytes_out = sum(len(job.global_frame) for job in jobs)  # what the selected devices download
         outcomes = self._pool.run(jobs)
         t0 = time.perf_counter()

@@ -300,6 +300,21 @@ def test_too_few_updates_retries_with_more_clients(tabular, model_path, tmp_path
     assert first.acks == [Ack(1, "accepted")]  # its update was kept, not asked for again
 
 
+def test_the_round_message_carries_the_decayed_lr(tabular, model_path, tmp_path):
+    broker = InMemoryBroker()
+    client = FakeClient(broker, "pi-0")
+    strategy = FedAvg(min_fit=1, min_available=1, round_config=RoundConfig(lr=0.08), lr_decay=0.5)
+    running = Running(_coordinator(broker, model_path, tmp_path, strategy, rounds=2))
+    for number in (1, 2):
+        client.wait_for(lambda n=number: client.rounds and client.rounds[-1].round == n)
+        client.send(_update(tabular, "pi-0", number, _delta(tabular, number), 10))
+        client.wait_for(lambda n=number: len(client.acks) == n)
+    assert running.join() is None
+    assert [r.lr for r in client.rounds if r.round == 2][-1] == pytest.approx(0.04)
+    assert [m.client_lr for m in running.coordinator.history] == pytest.approx([0.08, 0.04])
+    assert [line["client_lr"] for line in read_jsonl(tmp_path / "metrics.jsonl")] == pytest.approx([0.08, 0.04])
+
+
 def test_restart_resumes_from_the_checkpoint(tabular, model_path, tmp_path):
     broker = InMemoryBroker()
     client = FakeClient(broker, "pi-0")

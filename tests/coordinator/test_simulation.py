@@ -94,7 +94,8 @@ def test_next_trains_each_round_at_the_decayed_lr(tabular):
     data = client_data()
     with build_fedavg_process(tabular.model_path, client_lr=0.2, lr_decay=0.25) as decayed:
         one, _ = decayed.next(decayed.initialize(), data)
-        two, _ = decayed.next(one, data)
+        two, metrics = decayed.next(one, data)
+    assert metrics.client_lr == pytest.approx(0.05)
     with build_fedavg_process(tabular.model_path, client_lr=0.2) as constant:
         assert same_weights(constant.next(constant.initialize(), data)[0].weights, one.weights)
         explicit, _ = constant.next(one, data, RoundConfig(lr=0.2 * 0.25))
