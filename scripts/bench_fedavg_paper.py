@@ -34,26 +34,29 @@ PAPER = {"iid": 20, "noniid": 229}  # rounds to 99%, FedAvg CNN E=5 B=10, McMaha
 COMMON = ["--clients", "100", "--fraction-fit", "0.1", "--epochs", "5", "--batch-size", "10"]
 PARTITIONS = {"iid": "iid", "noniid": "shards:2"}  # shards:2 = sort by label, 200 shards of 300, 2 per client
 FEDAVG = ["--strategy", "fedavg", "--lr", "0.05"]
-FEDAVGM = ["--strategy", "fedavgm", "--lr", "0.05", "--server-lr", "1.0", "--server-momentum", "0.5"]
+
+
+def fedavgm(lr: str = "0.05", server_lr: str = "1.0", momentum: str = "0.5") -> list[str]:
+    return ["--strategy", "fedavgm", "--lr", lr, "--server-lr", server_lr, "--server-momentum", momentum]
+
+
+FEDAVGM = fedavgm()
 ROWS: dict[str, tuple[str, list[str], str]] = {
     # name: (partition, flags, what it shows). Compression is measured on the faster FedAvgM setting.
     "iid-fedavg": ("iid", FEDAVG, "FedAvg, as in the paper"),
     "iid-fedavgm": ("iid", FEDAVGM, "server momentum 0.5"),
     "iid-fedavgm-int8": ("iid", [*FEDAVGM, "--codec", "int8-channel"], "FedAvgM, int8 updates"),
     "iid-fedavgm-topk": ("iid", [*FEDAVGM, "--codec", "topk:0.1"], "FedAvgM, top-10% updates + error feedback"),
-    "iid-fedavgm-lr0.1": (
-        "iid",
-        ["--strategy", "fedavgm", "--lr", "0.1", "--server-lr", "1.0", "--server-momentum", "0.5"],
-        "server momentum 0.5, client lr 0.1",
-    ),
+    "iid-fedavgm-lr0.1": ("iid", fedavgm(lr="0.1"), "server momentum 0.5, client lr 0.1"),
     "noniid-fedavg": ("noniid", FEDAVG, "FedAvg, as in the paper"),
     "noniid-fedavgm": ("noniid", FEDAVGM, "server momentum 0.5"),
-    "noniid-fedavgm-m0.9": (
-        "noniid",
-        ["--strategy", "fedavgm", "--lr", "0.05", "--server-lr", "0.2", "--server-momentum", "0.9"],
-        "server momentum 0.9, server lr 0.2",
-    ),
+    "noniid-fedavgm-m0.9": ("noniid", fedavgm(server_lr="0.2", momentum="0.9"), "server momentum 0.9, server lr 0.2"),
     "noniid-fedavgm-decay": ("noniid", [*FEDAVGM, "--lr-decay", "0.99"], "server momentum 0.5, client lr x0.99/round"),
+    "noniid-fedavgm-lr0.1-decay": (
+        "noniid",
+        [*fedavgm(lr="0.1"), "--lr-decay", "0.98"],
+        "server momentum 0.5, client lr 0.1 x0.98/round",
+    ),
 }
 
 
