@@ -160,3 +160,12 @@ def test_a_malformed_checkpointed_history_is_refused():
     dp = DifferentialPrivacy(FedAvg(), clip_norm=1.0, noise_multiplier=1.0)
     with pytest.raises(CoordinatorError, match="sampling-rate"):
         dp.load_state_dict({"dp/sampling_rates": np.array([0.1, 2.0])})
+
+
+def test_the_wrapper_announces_the_wrapped_strategys_decayed_lr():
+    from coordinator.strategy import RoundConfig, config_for_round
+
+    decayed = FedAvg(round_config=RoundConfig(lr=0.2), lr_decay=0.5)
+    private = DifferentialPrivacy(decayed, clip_norm=1.0, noise_multiplier=0.0)
+    _, config = private.configure_round(3, ["a", "b"], np.random.default_rng(0))
+    assert config.lr == pytest.approx(0.05) and config_for_round(private, 3).lr == pytest.approx(0.05)
