@@ -6,11 +6,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
-def plot_rounds(runs: Mapping[str, Sequence[dict]], out: Path, title: str = "", target: float | None = None) -> Path:
+def plot_rounds(
+    runs: Mapping[str, Sequence[dict]],
+    out: Path,
+    title: str = "",
+    target: float | None = None,
+    accuracy_range: tuple[float, float] | None = None,
+) -> Path:
     """Plot test accuracy (left) and test/train loss (right) per round.
 
     ``runs`` maps a label to the run's metrics records (the lines of its
     ``metrics.jsonl``). Several runs share the axes, e.g. IID vs non-IID.
+    ``accuracy_range`` zooms the accuracy axis, e.g. ``(0.95, 1.0)`` to see
+    which run reaches 99% first rather than the first rounds' climb.
     """
     from matplotlib.ticker import MaxNLocator
 
@@ -37,7 +45,7 @@ def plot_rounds(runs: Mapping[str, Sequence[dict]], out: Path, title: str = "", 
                 )
     if target is not None:
         acc_ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:g}")
-    acc_ax.set(xlabel="round", ylabel="test accuracy", title="Test accuracy")
+    acc_ax.set(xlabel="round", ylabel="test accuracy", title="Test accuracy", ylim=accuracy_range)
     loss_ax.set(xlabel="round", ylabel="loss", title="Loss")
     for ax in (acc_ax, loss_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
@@ -50,7 +58,11 @@ def plot_rounds(runs: Mapping[str, Sequence[dict]], out: Path, title: str = "", 
 
 
 def plot_accuracy_vs_bytes(
-    runs: Mapping[str, Sequence[dict]], out: Path, title: str = "", target: float | None = None
+    runs: Mapping[str, Sequence[dict]],
+    out: Path,
+    title: str = "",
+    target: float | None = None,
+    accuracy_range: tuple[float, float] | None = None,
 ) -> Path:
     """Test accuracy against the cumulative megabytes clients uploaded: the cost of each run's codec."""
     plt = _pyplot()
@@ -67,6 +79,7 @@ def plot_accuracy_vs_bytes(
     if target is not None:
         ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:g}")
     ax.set(xscale="log", xlabel="MB uploaded by clients (cumulative)", ylabel="test accuracy", title=title)
+    ax.set_ylim(accuracy_range)
     ax.grid(alpha=0.3, which="both")
     if ax.lines:
         ax.legend(fontsize="small")

@@ -65,6 +65,19 @@ def test_plot_draws_every_run(tmp_path):
     assert out.read_bytes().startswith(b"\x89PNG") and out.stat().st_size > 10_000
 
 
+def test_accuracy_range_zooms_the_accuracy_axis(tmp_path, monkeypatch):
+    from coordinator import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out: figures.append(fig) or out)
+    records = [{"round": r, "test_accuracy": 0.2 * r, "test_loss": 1 / r, "bytes_in": 10} for r in (1, 2, 3, 4)]
+    plots.plot_rounds({"a": records}, tmp_path / "p.png", accuracy_range=(0.5, 1.0))
+    plots.plot_accuracy_vs_bytes({"a": records}, tmp_path / "b.png", accuracy_range=(0.5, 1.0))
+    plots.plot_rounds({"a": records}, tmp_path / "q.png")
+    assert figures[0].axes[0].get_ylim() == (0.5, 1.0) and figures[1].axes[0].get_ylim() == (0.5, 1.0)
+    assert figures[2].axes[0].get_ylim()[0] < 0.2  # without a range the axis fits the data
+
+
 def test_accuracy_against_uploaded_bytes(tmp_path):
     from coordinator.plots import plot_accuracy_vs_bytes
 
