@@ -44,6 +44,7 @@ FEDAVGM = fedavgm()
 ROWS: dict[str, tuple[str, list[str], str]] = {
     # name: (partition, flags, what it shows). Compression is measured on the faster FedAvgM setting.
     "iid-fedavg": ("iid", FEDAVG, "FedAvg, as in the paper"),
+    "iid-fedavg-lr0.1": ("iid", ["--strategy", "fedavg", "--lr", "0.1"], "FedAvg, client lr 0.1"),
     "iid-fedavgm": ("iid", FEDAVGM, "server momentum 0.5"),
     "iid-fedavgm-int8": ("iid", [*FEDAVGM, "--codec", "int8-channel"], "FedAvgM, int8 updates"),
     "iid-fedavgm-topk": ("iid", [*FEDAVGM, "--codec", "topk:0.1"], "FedAvgM, top-10% updates + error feedback"),
