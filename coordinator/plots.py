@@ -43,9 +43,8 @@ def plot_rounds(
                     color=color,
                     label=f"{label} ({key.split('_')[0]})",
                 )
-    if target is not None:
-        acc_ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:g}")
-    acc_ax.set(xlabel="round", ylabel="test accuracy", title="Test accuracy", ylim=accuracy_range)
+    _mark_target(acc_ax, target, accuracy_range)
+    acc_ax.set(xlabel="round", ylabel="test accuracy", title="Test accuracy")
     loss_ax.set(xlabel="round", ylabel="loss", title="Loss")
     for ax in (acc_ax, loss_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
@@ -76,14 +75,20 @@ def plot_accuracy_vs_bytes(
                 points.append((uploaded / 1e6, r["test_accuracy"]))
         if points:
             ax.plot(*zip(*points, strict=True), ".-", label=label)
-    if target is not None:
-        ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:g}")
+    _mark_target(ax, target, accuracy_range)
     ax.set(xscale="log", xlabel="MB uploaded by clients (cumulative)", ylabel="test accuracy", title=title)
-    ax.set_ylim(accuracy_range)
     ax.grid(alpha=0.3, which="both")
     if ax.lines:
         ax.legend(fontsize="small")
     return _save(fig, out)
+
+
+def _mark_target(ax, target: float | None, accuracy_range: tuple[float, float] | None) -> None:
+    """The target accuracy as a dotted line, and the accuracy axis zoomed to ``accuracy_range`` if given."""
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:g}")
+    if accuracy_range is not None:
+        ax.set_ylim(accuracy_range)
 
 
 def _pyplot():

@@ -100,8 +100,9 @@ class FedAvg:
 
     ``lr_decay`` multiplies the client learning rate by itself every round
     (round ``t`` trains at ``lr * lr_decay**(t - 1)``): with non-IID data a
-    smaller late step means less client drift, as in the FedAvg paper's
-    decayed-learning-rate runs. ``1`` keeps it constant.
+    smaller late step means less client drift, and FedAvg needs a decaying
+    rate to converge there (Li et al. 2020, "On the Convergence of FedAvg on
+    Non-IID Data"). ``1`` keeps it constant.
     """
 
     def __init__(
