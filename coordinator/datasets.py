@@ -113,9 +113,7 @@ def _load_split(spec: str, split: str, manifest: Manifest, what: str) -> tuple[n
             raise FileNotFoundError(f"{what} {spec!r}: no such file (use mnist-small, mnist or an .npz path)")
         keys = (f"x_{split}", f"y_{split}") if _holds(path, f"x_{split}") else ("x", "y")
         x, y = load_npz(path, *keys)
-    if x.dtype == np.uint8:
-        x = x.astype(np.float32) / 255.0
-    return prepare_for_model(x, y, manifest)
+    return prepare_for_model(x, y, manifest)  # scales uint8 pixels to [0, 1], exactly as a board does
 
 
 def _holds(path: Path, key: str) -> bool:

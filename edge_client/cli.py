@@ -56,6 +56,7 @@ examples:
   litefed-client --config client.toml
   litefed-client --client-id pi-17 --broker mqtt://192.168.1.10:1883 --data npz:part-3.npz
   litefed-client --config client.toml --data csv:readings.csv -v
+  litefed-client --client-id pi-3 --data npz:mnist.npz --x-key x_test --y-key y_test
 
 exit status: 0 stopped normally, 1 runtime error (broker, disk), 2 bad configuration or data,
 130 stopped by a second interrupt
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-id", metavar="ID", help="this device's id, unique in the federation")
     p.add_argument("--federation", metavar="NAME", help="federation name (default 'default')")
     p.add_argument("--data", metavar="KIND:PATH", help=f"training data; KIND is one of {', '.join(DATA_KINDS)}")
+    p.add_argument("--x-key", metavar="NAME", help="npz data: the inputs' array (default 'x', else 'x_train')")
+    p.add_argument("--y-key", metavar="NAME", help="npz data: the labels' array (default 'y', else 'y_train')")
     p.add_argument("--state-dir", type=Path, metavar="DIR", help="where the model, weights and progress are kept")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v: debug)")
     return p
@@ -87,8 +90,10 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "federation": args.federation,
         "state_dir": args.state_dir,
     }
-    if args.data is not None:
-        overrides["data"] = parse_data_spec(args.data)
+    data: dict[str, Any] = parse_data_spec(args.data) if args.data is not None else {}
+    data.update({k: v for k, v in (("x_key", args.x_key), ("y_key", args.y_key)) if v is not None})
+    if data:
+        overrides["data"] = data
     return {k: v for k, v in overrides.items() if v is not None}
 
 

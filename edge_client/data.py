@@ -32,17 +32,14 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".
 def load_npz(path: str | Path, x_key: str = "x", y_key: str = "y") -> tuple[np.ndarray, np.ndarray]:
     """Inputs and labels from an ``.npz`` file, as stored.
 
-    For Keras' ``mnist.npz`` pass ``x_key="x_train", y_key="y_train"`` (or
-    the ``_test`` keys).
+    With the default keys, a file without ``x``/``y`` but with Keras'
+    ``x_train``/``y_train`` (as in ``mnist.npz``) gives its training split.
+    Other names are passed as ``x_key``/``y_key``.
     """
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
-            missing = [k for k in (x_key, y_key) if k not in data.files]
-            if missing:
-                raise DataError(
-                    f"{path} has no array {missing[0]!r}; it holds {sorted(data.files)}, pass x_key= and y_key="
-                )
+            x_key, y_key = _npz_keys(data.files, x_key, y_key, path)
             x, y = data[x_key], data[y_key]
     except FileNotFoundError as exc:
         raise DataError(f"data file {path} not found") from exc
@@ -50,6 +47,20 @@ def load_npz(path: str | Path, x_key: str = "x", y_key: str = "y") -> tuple[np.n
         raise DataError(f"cannot read {path} as a NumPy .npz archive: {exc}") from exc
     _check_same_length(x, y, str(path))
     return x, y
+
+
+def _npz_keys(files: list[str], x_key: str, y_key: str, path: Path) -> tuple[str, str]:
+    """The arrays to read: the given keys, or Keras' training split when the defaults are absent."""
+    if (x_key, y_key) == ("x", "y") and "x" not in files and {"x_train", "y_train"} <= set(files):
+        log.info("%s has no 'x'/'y' arrays; training on its 'x_train'/'y_train'", path)
+        return "x_train", "y_train"
+    missing = [k for k in (x_key, y_key) if k not in files]
+    if missing:
+        raise DataError(
+            f"{path} has no array {missing[0]!r}; it holds {sorted(files)}: name the arrays to use "
+            "(litefed-client --x-key/--y-key, or x_key/y_key under [data])"
+        )
+    return x_key, y_key
 
 
 # -- image folders -------------------------------------------------------------------
@@ -248,9 +259,12 @@ def prepare_for_model(x: np.ndarray, y: np.ndarray, manifest: Manifest) -> tuple
     """Check ``(x, y)`` against the model and cast them to its input and label dtypes.
 
     ``x`` must have the per-example input shape ``manifest.input.shape[1:]``
-    (a missing trailing channel axis of size 1 is added). Values are not
-    rescaled: divide uint8 pixels by 255 first. Labels become int32 ``[N]``
-    class ids for multiclass models and float32 ``[N, K]`` otherwise.
+    (a missing trailing channel axis of size 1 is added). uint8 inputs are
+    8-bit pixels: a float model gets them divided by 255, into the [0, 1]
+    that image folders give too, so a board and the coordinator read the
+    same file the same way. Other dtypes are cast unchanged. Labels become
+    int32 ``[N]`` class ids for multiclass models and float32 ``[N, K]``
+    otherwise.
     """
     x, y = np.asarray(x), np.asarray(y)
     _check_same_length(x, y, "x and y")
@@ -269,10 +283,27 @@ def _prepare_inputs(x: np.ndarray, manifest: Manifest) -> np.ndarray:
         )
     if x.dtype.kind not in _NUMERIC:
         raise DataError(f"x must be numeric, got dtype {x.dtype}")
+    float_model = np.dtype(manifest.input.dtype).kind == "f"
+    if x.dtype == np.uint8 and float_model:
+        # The same division as image folders and the coordinator's loaders: bit-identical inputs everywhere.
+        return np.ascontiguousarray(x.astype(np.float32) / np.float32(255), dtype=manifest.input.dtype)
     x = np.ascontiguousarray(x, dtype=manifest.input.dtype)
     if not np.isfinite(x).all():
         raise DataError("x contains NaN or Inf; clean or drop those examples")
+    if float_model and x.ndim == 4:
+        _warn_if_raw_pixels(x)
     return x
+
+
+def _warn_if_raw_pixels(x: np.ndarray) -> None:
+    """Images stored as float 0..255 are almost always unscaled pixels, which train to garbage."""
+    top = float(x.max())
+    if top > 1.5 and top <= 255 and float(x.min()) >= 0 and np.array_equal(x, np.round(x)):
+        log.warning(
+            "x holds whole numbers up to %g, like raw 0-255 pixels stored as float; images (and uint8 arrays) "
+            "train in [0, 1]: divide by 255, or store the images as uint8",
+            top,
+        )
 
 
 def _prepare_labels(y: np.ndarray, manifest: Manifest) -> np.ndarray:

@@ -120,6 +120,20 @@ def test_overrides_win_over_the_file(tmp_path):
     assert other.data == DataSourceConfig("csv", Path("r.csv"))
 
 
+def test_array_name_flags(tmp_path):
+    """--x-key/--y-key name the npz arrays, with --data or on top of the file's [data]."""
+    parser = cli.build_parser()
+    args = parser.parse_args(["--client-id", "pi-1", "--data", "npz:m.npz", "--x-key", "x_test", "--y-key", "y_test"])
+    config = load_config(None, cli.overrides_from_args(args))
+    assert config.data == DataSourceConfig("npz", Path("m.npz"), x_key="x_test", y_key="y_test")
+    path = write(tmp_path, MINIMAL)
+    config = load_config(path, cli.overrides_from_args(parser.parse_args(["--x-key", "images"])))
+    assert (config.data.path, config.data.x_key, config.data.y_key) == (tmp_path / "part.npz", "images", "y")
+    csv_with_key = parser.parse_args(["--client-id", "a", "--data", "csv:r.csv", "--x-key", "x"])
+    with pytest.raises(ConfigError, match="x_key.*npz"):
+        load_config(None, cli.overrides_from_args(csv_with_key))
+
+
 def test_no_file_only_overrides(tmp_path):
     config = load_config(None, {"client_id": "pi-1", "data": "images:/photos", "state_dir": tmp_path})
     assert config.data == DataSourceConfig("images", Path("/photos")) and config.state_dir == tmp_path

@@ -66,8 +66,8 @@ def test_load_npz_default_and_keras_keys(tmp_path):
 
 def test_load_npz_errors(tmp_path):
     np.savez(tmp_path / "mnist.npz", x_train=np.zeros((2, 3)), y_train=np.zeros(2))
-    with pytest.raises(DataError, match=r"no array 'x'; it holds \['x_train', 'y_train'\], pass x_key="):
-        load_npz(tmp_path / "mnist.npz")
+    with pytest.raises(DataError, match=r"no array 'x_test'; it holds \['x_train', 'y_train'\]: name the arrays"):
+        load_npz(tmp_path / "mnist.npz", "x_test", "y_test")
     with pytest.raises(DataError, match="not found"):
         load_npz(tmp_path / "missing.npz")
     (tmp_path / "junk.npz").write_bytes(b"definitely not a zip archive")
@@ -246,7 +246,7 @@ def test_prepare_mnist_adds_channel_and_casts():
     y = np.array([9, 0, 3], np.uint8)
     px, py = prepare_for_model(x, y, MNIST_LIKE)
     assert px.shape == (3, 28, 28, 1) and px.dtype == np.float32
-    np.testing.assert_array_equal(px[..., 0], x.astype(np.float32))  # no hidden rescaling
+    np.testing.assert_array_equal(px[..., 0], x.astype(np.float32) / np.float32(255))  # 8-bit pixels -> [0, 1]
     assert py.shape == (3,) and py.dtype == np.int32
     np.testing.assert_array_equal(py, [9, 0, 3])
     _, py2 = prepare_for_model(x, y[:, None].astype(np.float64), MNIST_LIKE)  # [N, 1] whole-number floats
@@ -303,3 +303,47 @@ def test_csv_to_a_converted_model(tmp_path, tabular):
     np.testing.assert_array_equal(y[:, 0], labels)
     metrics = tabular.runtime().fit(x, y)
     assert metrics.num_examples == 20 and np.isfinite(metrics.loss)
+
+
+def test_uint8_pixels_scale_like_image_folders(tmp_path):
+    """A board reading uint8 pixels from an npz gets exactly what an image folder of the same pixels gives."""
+    pixels = np.random.default_rng(3).integers(0, 256, (2, 28, 28), dtype=np.uint8)
+    for label, image in zip("ab", pixels, strict=True):
+        write_png(tmp_path / label / "x.png", image)
+    folder = load_image_folder(tmp_path, (28, 28, 1))
+    px, _ = prepare_for_model(pixels, np.array([0, 1]), MNIST_LIKE)
+    np.testing.assert_array_equal(px, folder.x)
+    assert px.min() >= 0.0 and px.max() <= 1.0
+
+
+def test_float_inputs_are_not_rescaled():
+    x = np.full((2, 28, 28), 0.5, np.float64)
+    px, _ = prepare_for_model(x, np.array([0, 1]), MNIST_LIKE)
+    np.testing.assert_array_equal(px, np.full((2, 28, 28, 1), 0.5, np.float32))
+
+
+def test_raw_pixels_stored_as_float_warn(caplog):
+    x = np.random.default_rng(0).integers(0, 256, (2, 28, 28)).astype(np.float32)
+    with caplog.at_level("WARNING", logger="edge_client.data"):
+        prepare_for_model(x, np.array([0, 1]), MNIST_LIKE)
+    assert "divide by 255" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="edge_client.data"):
+        prepare_for_model(x / 255, np.array([0, 1]), MNIST_LIKE)
+    assert caplog.text == ""
+
+
+def test_npz_with_keras_keys_trains_on_the_training_split(tmp_path):
+    path = tmp_path / "mnist.npz"
+    np.savez(path, x_train=np.ones((3, 2)), y_train=np.arange(3), x_test=np.zeros((1, 2)), y_test=np.zeros(1))
+    x, y = load_npz(path)
+    assert x.shape == (3, 2) and list(y) == [0, 1, 2]
+    x, y = load_npz(path, "x_test", "y_test")
+    assert x.shape == (1, 2)
+
+
+def test_npz_missing_keys_says_how_to_name_them(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, images=np.ones((3, 2)), labels=np.arange(3))
+    with pytest.raises(DataError, match=r"holds \['images', 'labels'\].*--x-key/--y-key"):
+        load_npz(path)
