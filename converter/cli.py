@@ -1,11 +1,26 @@
-"""``litefed-convert``: Keras model -> trainable, builtin-only ``.tflite`` + manifest."""
+"""``litefed-convert``: Keras model -> trainable, builtin-only ``.tflite`` + manifest.
+
+Only the standard library is imported up front, so ``--help`` and argument
+errors are instant and work without TensorFlow. TensorFlow's start-up and
+conversion chatter (C++ logs on file descriptor 2, absl warnings, LiteRT's
+delegate notice) is kept aside and shown only if the conversion crashes;
+``--verbose`` lets it through as it comes.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
+import importlib.util
+import logging
 import os
 import sys
+import tempfile
 import time
+
+from converter.errors import ConverterError, MissingExtraError
+from edge_client.errors import EdgeClientError
 
 LOSS_CHOICES = ("sparse_categorical_crossentropy", "binary_crossentropy", "mean_squared_error")
 
@@ -60,39 +75,115 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--verify-steps", type=int, default=3, metavar="N", help="train steps compared (default 3)")
     v.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |LiteRT - TF| (default 1e-4)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    p.add_argument("-v", "--verbose", action="store_true", help="also show TensorFlow's own log, unfiltered")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+    if not _tensorflow_installed():
+        print(f"litefed-convert: error: {MissingExtraError('the converter', 'TensorFlow', 'converter')}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    if not args.verbose:  # read by TensorFlow when it is imported; a user's own setting wins
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     start = time.perf_counter()
     log(f"loading {args.spec} (importing TensorFlow)")
-
-    from converter.api import ConvertConfig, convert
-    from converter.errors import ConverterError
-    from edge_client.errors import EdgeClientError
-
+    capture = _StderrCapture(enabled=not args.verbose)
     try:
-        config = ConvertConfig(
-            batch_size=args.batch_size,
-            loss=args.loss,
-            from_logits=args.from_logits,
-            optimizer=args.optimizer,
-            learning_rate=args.learning_rate,
-            momentum=args.momentum,
-            nesterov=args.nesterov,
-            verify=not args.no_verify,
-            verify_steps=args.verify_steps,
-            tolerance=args.tolerance,
-        )
-        convert(args.spec, args.output, config, log=log)
-    except (ConverterError, EdgeClientError) as exc:
+        with capture:
+            _convert(args, log)
+    except KeyboardInterrupt:
+        print("litefed-convert: interrupted", file=sys.stderr)
+        return 130
+    except (ConverterError, EdgeClientError) as exc:  # what the user can fix: one line says how
         print(f"litefed-convert: error: {exc}", file=sys.stderr)
         return 1
+    except Exception:
+        if capture.text:  # a crash: TensorFlow's log may explain it
+            print(f"litefed-convert: TensorFlow's log before the error:\n{capture.text.rstrip()}", file=sys.stderr)
+        raise
     log(f"done in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _convert(args: argparse.Namespace, log) -> None:
+    _import_tensorflow(quiet=not args.verbose)
+    from converter.api import ConvertConfig, convert
+
+    config = ConvertConfig(
+        batch_size=args.batch_size,
+        loss=args.loss,
+        from_logits=args.from_logits,
+        optimizer=args.optimizer,
+        learning_rate=args.learning_rate,
+        momentum=args.momentum,
+        nesterov=args.nesterov,
+        verify=not args.no_verify,
+        verify_steps=args.verify_steps,
+        tolerance=args.tolerance,
+    )
+    convert(args.spec, args.output, config, log=log)
+
+
+def _tensorflow_installed() -> bool:
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):  # ImportError: an import hook refuses it
+        return False
+
+
+def _import_tensorflow(quiet: bool) -> None:
+    try:
+        import tensorflow as tf
+    except ImportError as exc:  # installed (checked before) but broken
+        raise MissingExtraError(f"the converter ({exc})", "a working TensorFlow", "converter") from exc
+    if quiet:  # Python-side warnings (absl's "not a valid tf.function parameter name" ...) are noise to a user
+        tf.get_logger().setLevel(logging.ERROR)
+        logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+class _StderrCapture:
+    """Sends file descriptor 2 to a temporary file while active; keeps what arrived in :attr:`text`.
+
+    TensorFlow and LiteRT log from C++ straight to fd 2, past ``sys.stderr``:
+    only redirecting the descriptor silences them. A fatal signal's traceback
+    (faulthandler) still goes to the real stderr.
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.text = ""
+        self._saved: int | None = None
+        self._file = None
+        self._faulthandler = False
+
+    def __enter__(self) -> _StderrCapture:
+        if not self.enabled:
+            return self
+        sys.stderr.flush()
+        self._file = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        if not faulthandler.is_enabled():  # leave a caller's (pytest's) handler alone
+            faulthandler.enable(file=self._saved)
+            self._faulthandler = True
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._saved is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
+        if self._faulthandler:
+            faulthandler.disable()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._saved = None
+        self._file.seek(0)
+        self.text = self._file.read().decode("utf-8", errors="replace")
+        self._file.close()
 
 
 if __name__ == "__main__":

@@ -17,3 +17,16 @@ class UnsupportedModelError(ConverterError):
 
 class VerificationError(ConverterError):
     """The converted model is not builtin-only or does not match TensorFlow."""
+
+
+class MissingExtraError(ConverterError, ImportError):
+    """A package of an extra is not installed: TensorFlow, on an ``edge``-only install.
+
+    Also an :class:`ImportError`, which is what it replaces. The message is one
+    line naming the ``pip install`` that fixes it.
+    """
+
+    def __init__(self, subject: str, package: str, extra: str):
+        super().__init__(f"{subject} needs {package}: pip install 'litefed[{extra}]'")
+        self.package = package
+        self.extra = extra

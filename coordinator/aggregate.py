@@ -10,6 +10,7 @@ come back in the dtype the clients sent.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -98,16 +99,29 @@ def apply_delta(global_weights: Weights, delta: Weights, scale: float = 1.0) -> 
     Clients send ``local - global``; averaging those deltas and applying them
     here with ``scale = 1`` is FedAvg, and other scales give a server
     learning rate. The result has the global weights' dtypes.
+
+    Finite inputs can still give a non-finite model (a sum beyond float32's
+    range rounds to Inf), so the result is checked too: a non-finite global
+    model is never returned, :class:`AggregationError` is raised instead and
+    the caller keeps its current global model.
     """
     if not np.isfinite(scale):
         raise AggregationError(f"scale must be a finite number, got {scale!r}")
     layout = layout_of(global_weights)
     check_same_layout(layout_of(delta), layout, dtypes=False)
     check_finite(delta)
-    return [
-        NamedArray(spec.name, (np.asarray(g, np.float64) + scale * np.asarray(d, np.float64)).astype(spec.dtype))
-        for spec, (_, g), (_, d) in zip(layout, global_weights, delta, strict=True)
-    ]
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected below, not warned about
+        result = [
+            NamedArray(spec.name, (np.asarray(g, np.float64) + scale * np.asarray(d, np.float64)).astype(spec.dtype))
+            for spec, (_, g), (_, d) in zip(layout, global_weights, delta, strict=True)
+        ]
+    for name, array in result:
+        if not np.isfinite(array).all():
+            raise AggregationError(
+                f"tensor {name!r} of the new global model would be NaN or Inf (overflow of {array.dtype}); "
+                "the global model is left unchanged: lower the server or client learning rate"
+            )
+    return result
 
 
 # -- validation ------------------------------------------------------------------
@@ -156,3 +170,16 @@ def check_finite(weights: Weights) -> None:
     for name, array in weights:
         if not np.isfinite(array).all():
             raise AggregationError(f"tensor {name!r} contains NaN or Inf; the client's training diverged")
+
+
+def finish_or_keep(aggregation: Any, current: Weights) -> tuple[Weights, str | None]:
+    """The round's new global model, or ``current`` and the reason when the aggregate is refused.
+
+    A refused aggregate (non-finite, too few updates for a robust rule) ends
+    the round with the global model unchanged instead of stopping the
+    federation: the next round trains afresh from the last good model.
+    """
+    try:
+        return aggregation.finish(), None
+    except AggregationError as exc:
+        return current, str(exc)

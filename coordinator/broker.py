@@ -3,7 +3,11 @@
 :class:`EmbeddedBroker` runs mosquitto as a subprocess with a generated
 configuration, or amqtt in a background thread with its own asyncio loop.
 Either way it listens on 127.0.0.1 only, on a free port unless told one.
-``litefed-broker`` (:func:`main`) runs one from the command line.
+``litefed-broker`` (:func:`main`) runs one from the command line, on the MQTT
+default port 1883 unless told another.
+
+Mosquitto's configuration and log live in a temporary folder named
+``litefed-mosquitto-*`` (under ``$TMPDIR``), removed when the broker stops.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -18,17 +23,21 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from coordinator.errors import CoordinatorError
+from coordinator.errors import CoordinatorError, MissingExtraError
 from edge_client.transport import DEFAULT_QUEUE_SIZE
 
 log = logging.getLogger(__name__)
 
 KINDS = ("auto", "mosquitto", "amqtt")
+DEFAULT_PORT = 1883  # litefed-broker's: the MQTT default, which every command's default broker URL assumes
+TEMPDIR_PREFIX = "litefed-mosquitto-"
 MOSQUITTO_FALLBACK = Path("/usr/sbin/mosquitto")  # Debian's package installs it outside a user's PATH
 _PORT_ATTEMPTS = 3  # a free port can be taken between choosing and binding it: retry that race
 _LOG_TAIL_LINES = 20
@@ -36,6 +45,15 @@ _LOG_TAIL_LINES = 20
 
 class EmbeddedBrokerError(CoordinatorError):
     """The embedded broker cannot be found, started or stopped."""
+
+
+class PortInUseError(EmbeddedBrokerError):
+    """Another server listens on the port the broker was asked to use."""
+
+    def __init__(self, host: str, port: int):
+        super().__init__(f"{host}:{port} is already in use (another broker?); use another port, or 0 for a free one")
+        self.host = host
+        self.port = port
 
 
 def find_mosquitto() -> Path | None:
@@ -139,9 +157,7 @@ class EmbeddedBroker:
             except _PortTaken:
                 self.stop()
                 if attempt == attempts - 1:
-                    raise EmbeddedBrokerError(
-                        f"port {port} on {self.host} is already in use; choose another port (or 0 for a free one)"
-                    ) from None
+                    raise PortInUseError(self.host, port) from None
             except BaseException:
                 self.stop()
                 raise
@@ -151,14 +167,28 @@ class EmbeddedBroker:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the broker and wait for it; safe to call more than once."""
-        if self._process is not None:
-            self._stop_mosquitto(timeout)
-        if self._thread is not None:
-            self._stop_amqtt(timeout)
-        if self._tempdir is not None:
-            shutil.rmtree(self._tempdir, ignore_errors=True)
-            self._tempdir = None
-        self.port = None
+        try:
+            if self._process is not None:
+                self._stop_mosquitto(timeout)
+            if self._thread is not None:
+                self._stop_amqtt(timeout)
+        finally:  # even if interrupted: mosquitto is dead by now (see _stop_mosquitto)
+            if self._tempdir is not None:
+                shutil.rmtree(self._tempdir, ignore_errors=True)
+                self._tempdir = None
+            self.port = None
+
+    def kill(self) -> None:
+        """Kill mosquitto at once (a forced stop); :meth:`stop` still cleans up. amqtt's thread is a daemon."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+
+    @property
+    def tempdir(self) -> Path | None:
+        """Mosquitto's private folder (configuration and log) while it runs, else None."""
+        return self._tempdir
 
     # -- mosquitto ---------------------------------------------------------------------
     def _start_mosquitto(self, port: int, timeout: float) -> None:
@@ -168,19 +198,21 @@ class EmbeddedBroker:
                 "mosquitto is not installed; run scripts/setup.sh --dev (or apt-get install mosquitto), "
                 "or use kind='amqtt'"
             )
-        self._tempdir = Path(tempfile.mkdtemp(prefix="litefed-mosquitto-"))
+        self._tempdir = Path(tempfile.mkdtemp(prefix=TEMPDIR_PREFIX))
         config = self._tempdir / "mosquitto.conf"
         log_file = self._tempdir / "mosquitto.log"
         config.write_text(_mosquitto_config(self.host, port, log_file, self.allow_anonymous), encoding="utf-8")
         output = (self._tempdir / "mosquitto.out").open("wb")
         try:
             # A session of its own: Ctrl+C in a terminal reaches only us, and we stop mosquitto in order.
+            # If we die without stopping it (SIGKILL, a crash), the parent-death signal stops it.
             self._process = subprocess.Popen(
                 [str(binary), "-c", str(config)],
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent(),
             )
         finally:
             output.close()
@@ -232,12 +264,15 @@ class EmbeddedBroker:
 
     # -- amqtt -------------------------------------------------------------------------
     def _start_amqtt(self, port: int, timeout: float) -> None:
+        broker_class = _import_amqtt()  # here, not in the thread: a missing amqtt is the caller's error
         # amqtt logs every connection and packet at INFO; keep its warnings only.
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.WARNING)
         self._amqtt_started.clear()
         self._amqtt_error = None
-        self._thread = threading.Thread(target=self._run_amqtt, args=(port,), name=f"amqtt:{port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run_amqtt, args=(broker_class, port), name=f"amqtt:{port}", daemon=True
+        )
         self._thread.start()
         if not self._amqtt_started.wait(timeout):
             self._stop_amqtt(1.0)
@@ -251,10 +286,8 @@ class EmbeddedBroker:
                 raise _PortTaken from error
             raise EmbeddedBrokerError(f"amqtt failed to start on {self.host}:{port}: {error}") from error
 
-    def _run_amqtt(self, port: int) -> None:
+    def _run_amqtt(self, broker_class: type, port: int) -> None:
         """The amqtt thread: its own event loop, until :meth:`_stop_amqtt` sets the stop event."""
-        from amqtt.broker import Broker
-
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{port}"}},
             # Only authentication: no $SYS publisher nor packet-logging plugins.
@@ -264,13 +297,19 @@ class EmbeddedBroker:
         async def serve() -> None:
             self._loop = asyncio.get_running_loop()
             self._stop_event = asyncio.Event()
-            broker = Broker(config)
+            broker = broker_class(config)
+            # amqtt logs a failed start with a 17-line traceback; start() raises it as one line instead.
+            startup_errors = _DropErrorsOfThisThread()
+            amqtt_log = logging.getLogger("amqtt.broker")
+            amqtt_log.addFilter(startup_errors)
             try:
                 await broker.start()
             except Exception as exc:  # amqtt wraps bind errors in BrokerError
                 self._amqtt_error = exc
                 self._amqtt_started.set()
                 return
+            finally:
+                amqtt_log.removeFilter(startup_errors)
             self._amqtt_started.set()
             await self._stop_event.wait()
             await broker.shutdown()
@@ -293,6 +332,54 @@ class EmbeddedBroker:
         if thread.is_alive():
             log.warning("amqtt broker thread did not stop within %g s; leaving it (daemon) behind", timeout)
         self._loop = self._stop_event = None
+
+
+def _import_amqtt() -> type:
+    try:
+        from amqtt.broker import Broker
+    except ImportError as exc:
+        raise MissingExtraError(
+            "the amqtt broker", "amqtt", "coordinator", "use mosquitto (apt-get install mosquitto)"
+        ) from exc
+    return Broker
+
+
+class _DropErrorsOfThisThread(logging.Filter):
+    """Drops the ERROR records logged by the thread that made the filter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and record.thread == self.thread)
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child receive SIGTERM when we die (Linux), else None.
+
+    The kernel sends it when the *thread* that started the child ends, so it is
+    used only from the main thread, whose end is the process's: a broker started
+    from a worker thread must outlive that thread.
+    """
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    # Everything resolved before fork: the child only makes one call.
+    option, signum, parent = ctypes.c_int(_PR_SET_PDEATHSIG), ctypes.c_ulong(signal.SIGTERM), os.getpid()
+
+    def preexec() -> None:
+        prctl(option, signum)
+        if os.getppid() != parent:  # we died between fork and prctl: nobody will send the signal
+            os._exit(1)
+
+    return preexec
 
 
 def _is_root() -> bool:
@@ -330,49 +417,108 @@ def _mosquitto_config(host: str, port: int, log_file: Path, allow_anonymous: boo
 
 # -- command line ----------------------------------------------------------------------
 
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port; use 1..65535, or 0 for a free one")
+    return port
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="litefed-broker",
         description="Run an MQTT broker on 127.0.0.1 for a local litefed federation. "
-        "Prints its URL, then runs until Ctrl+C.",
+        "Prints its URL, then runs until Ctrl+C (or SIGTERM, SIGHUP).",
     )
     p.add_argument("--kind", choices=KINDS, default="auto", help="mosquitto, amqtt, or auto: mosquitto if installed")
-    p.add_argument("--port", type=int, default=0, metavar="N", help="TCP port (default 0: a free port)")
+    p.add_argument(
+        "--port",
+        type=_port,
+        default=DEFAULT_PORT,
+        metavar="N",
+        help="TCP port (default %(default)s, the MQTT port the other commands assume; 0 picks a free one)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     broker = EmbeddedBroker(args.kind, port=args.port)
+    with _StopSignals(broker) as signals:
+        try:
+            code = _serve(broker, signals)
+        finally:  # whatever happened to stdout (a dead tee), to us (a signal) or to the broker
+            broker.stop()
+    return 130 if signals.forced else code
+
+
+def _serve(broker: EmbeddedBroker, signals: _StopSignals) -> int:
     try:
         url = broker.start()
-    except (EmbeddedBrokerError, ValueError) as exc:
-        print(f"litefed-broker: {exc}", flush=True)
+    except PortInUseError as exc:
+        _say(f"litefed-broker: error: {exc.host}:{exc.port} is in use (another broker?); "
+             "pass --port N or --port 0 for a free one", sys.stderr)  # fmt: skip
         return 1
-    print(url, flush=True)
-    # SIGTERM (systemd, docker stop) stops gracefully, as Ctrl+C does.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    try:
-        while broker.running:
-            time.sleep(0.2)
-        print(f"litefed-broker: the {broker.kind} broker stopped unexpectedly", flush=True)
-        broker.stop()
+    except CoordinatorError as exc:
+        _say(f"litefed-broker: error: {exc}", sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        pass
-    print("litefed-broker: stopping (Ctrl+C again to force)", flush=True)
-    try:
-        broker.stop()
-    except KeyboardInterrupt:  # stop() kills mosquitto on its way out; amqtt's thread is a daemon
-        print("litefed-broker: forced exit", flush=True)
-        return 130
+    _say(url, sys.stdout)
+    hint = "the other commands' default --broker" if broker.port == DEFAULT_PORT else f"pass --broker {url}"
+    _say(f"litefed-broker: {broker.kind} listening on {url} ({hint}); Ctrl+C stops it", sys.stderr)
+    while signals.received is None and broker.running:
+        time.sleep(0.1)
+    if signals.received is None:
+        _say(f"litefed-broker: error: the {broker.kind} broker stopped unexpectedly", sys.stderr)
+        return 1
+    _say("litefed-broker: stopping (Ctrl+C again to force)", sys.stderr)
     return 0
 
 
-def _raise_keyboard_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+class _StopSignals:
+    """SIGINT, SIGTERM and SIGHUP ask to stop; a second one forces it (kills mosquitto).
+
+    The handlers only record the request, never raise: an exception could strike
+    in the middle of the clean-up and leave mosquitto or its folder behind.
+    """
+
+    def __init__(self, broker: EmbeddedBroker):
+        self.broker = broker
+        self.received: int | None = None
+        self.forced = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():  # only it may set handlers
+            for signum in _STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is None:
+            self.received = signum
+        else:
+            self.forced = True
+            self.broker.kill()
+
+
+def _say(text: str, stream) -> None:
+    """Print a line; if the reader is gone (a tee killed by Ctrl+C), carry on silently."""
+    try:
+        print(text, file=stream, flush=True)
+    except (OSError, ValueError):
+        # Point the stream at /dev/null, so that Python's final flush does not fail too.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 A checkpoint is the global weights as a ``global`` frame (the wire format:
 no pickle, CRC-checked) plus a small JSON file naming it. Both are written
 to temporary files, fsynced and renamed, and the JSON last, so a crash at
-any point leaves either the previous checkpoint or the new one.
+any point leaves either the previous checkpoint or the new one. It also
+keeps the run id, so that a resumed run is the same run for the boards.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 
 from edge_client.errors import ProtocolError
 from edge_client.frames import Frame, decode_frame, encode_frame
+from edge_client.messages import UNNAMED_RUN, is_run_id
 from edge_client.weights import Weights
 
 log = logging.getLogger(__name__)
@@ -28,12 +30,14 @@ INDEX = "checkpoint.json"
 @dataclass(frozen=True)
 class Checkpoint:
     """The global weights after ``completed_round`` rounds of the model ``model_sha256``,
-    and the strategy's state (server optimizer moments), if it has any."""
+    the strategy's state (server optimizer moments), if it has any, and the run id
+    ("" in a checkpoint written before runs had ids)."""
 
     completed_round: int
     model_sha256: str
     weights: Weights
     strategy_state: dict[str, np.ndarray] = field(default_factory=dict)
+    run_id: str = ""
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -49,9 +53,15 @@ def write_atomic(path: Path, data: bytes) -> None:
 def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     name = f"global-{checkpoint.completed_round:06d}.bin"
-    frame = Frame("global", checkpoint.completed_round, checkpoint.model_sha256, checkpoint.weights)
+    run = checkpoint.run_id or UNNAMED_RUN
+    frame = Frame("global", checkpoint.completed_round, checkpoint.model_sha256, checkpoint.weights, run=run)
     write_atomic(directory / name, encode_frame(frame))
-    index = {"completed_round": checkpoint.completed_round, "model_sha256": checkpoint.model_sha256, "weights": name}
+    index = {
+        "completed_round": checkpoint.completed_round,
+        "model_sha256": checkpoint.model_sha256,
+        "run": checkpoint.run_id,
+        "weights": name,
+    }
     if checkpoint.strategy_state:
         buffer = io.BytesIO()
         np.savez(buffer, **checkpoint.strategy_state)  # plain arrays, read back with allow_pickle=False
@@ -72,7 +82,7 @@ def load_checkpoint(directory: Path, model_sha256: str) -> Checkpoint | None:
         return None
     try:
         index = json.loads(index_path.read_text())
-        frame = decode_frame((directory / index["weights"]).read_bytes())
+        frame = decode_frame((directory / index["weights"]).read_bytes(), accept_legacy=True)
         state = {}
         if "strategy_state" in index:
             with np.load(directory / index["strategy_state"], allow_pickle=False) as archive:
@@ -83,4 +93,8 @@ def load_checkpoint(directory: Path, model_sha256: str) -> Checkpoint | None:
     if frame.model_sha256 != model_sha256 or index.get("model_sha256") != model_sha256:
         log.warning("ignoring checkpoint in %s: it belongs to another model", directory)
         return None
-    return Checkpoint(frame.round, frame.model_sha256, frame.tensors, state)
+    run = index.get("run", "")
+    if run and not is_run_id(run):
+        log.warning("ignoring checkpoint in %s: its run id %r is not 16 lowercase hex digits", directory, run)
+        return None
+    return Checkpoint(frame.round, frame.model_sha256, frame.tensors, state, run)

@@ -53,8 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_local_federation_arguments(p, clients=4, clients_help="client processes to start", out="runs/emulation")
-    p.add_argument("--broker", default="auto", help="auto, mosquitto, amqtt, or the URL of a running broker")
-    add_round_arguments(p, min_available=None, min_fit=None, seed_help="seed of the partition and client sampling")
+    p.add_argument(
+        "--broker", default="auto", help="auto, mosquitto, amqtt, or the URL of a running broker (default %(default)s)"
+    )
+    add_round_arguments(
+        p, min_available=None, min_fit=None, seed_help="seed of the partition and client sampling (default %(default)s)"
+    )
     return p
 
 

@@ -19,3 +19,17 @@ class PartitionError(CoordinatorError, ValueError):
 
     Also a :class:`ValueError`, so ``argparse`` reports it as a bad option value.
     """
+
+
+class MissingExtraError(CoordinatorError, ImportError):
+    """A feature needs a package of an extra that is not installed (e.g. ``edge``-only on a board).
+
+    Also an :class:`ImportError`, which is what it replaces. The message is one
+    line naming the ``pip install`` that fixes it.
+    """
+
+    def __init__(self, subject: str, package: str, extra: str, alternative: str = ""):
+        message = f"{subject} needs {package}: pip install 'litefed[{extra}]'"
+        super().__init__(message + (f", or {alternative}" if alternative else ""))
+        self.package = package
+        self.extra = extra

@@ -40,6 +40,7 @@ class RoundMetrics:
     aggregate_seconds: float = 0.0
     evaluate_seconds: float = 0.0
     dp_epsilon: float | None = None  # privacy spent so far (for the strategy's delta), with --dp-noise
+    aggregation_error: str | None = None  # why the aggregate was refused (the global model then stayed as it was)
     _weighted: dict[str, float] = field(default_factory=dict, repr=False)  # sum of n * client metric
 
     def reject(self, reason: str) -> None:

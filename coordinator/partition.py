@@ -164,14 +164,22 @@ def parse_partition(spec: str) -> PartitionSpec:
             shards_per_client = int(value)
         except ValueError as exc:
             raise PartitionError(f"{spec!r}: K must be a whole number; {_USAGE}") from exc
-        return PartitionSpec("shards", shards_per_client=shards_per_client)
+        return _checked_spec(spec, "shards", shards_per_client=shards_per_client)
     if kind == "dirichlet" and value:
         try:
             alpha = float(value)
         except ValueError as exc:
             raise PartitionError(f"{spec!r}: ALPHA must be a number; {_USAGE}") from exc
-        return PartitionSpec("dirichlet", alpha=alpha)
+        return _checked_spec(spec, "dirichlet", alpha=alpha)
     raise PartitionError(f"cannot parse partition {spec!r}; {_USAGE}")
+
+
+def _checked_spec(spec: str, kind: str, **parameter: float) -> PartitionSpec:
+    """``PartitionSpec(kind, **parameter)``; a value out of range names the spec and lists the valid forms."""
+    try:
+        return PartitionSpec(kind, **parameter)
+    except PartitionError as exc:
+        raise PartitionError(f"{spec!r}: {exc}; {_USAGE}") from None
 
 
 # -- validation ------------------------------------------------------------------

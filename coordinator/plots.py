@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from coordinator.errors import MissingExtraError
+
 
 def plot_rounds(
     runs: Mapping[str, Sequence[dict]],
@@ -20,9 +22,8 @@ def plot_rounds(
     ``accuracy_range`` zooms the accuracy axis, e.g. ``(0.95, 1.0)`` to see
     which run reaches 99% first rather than the first rounds' climb.
     """
-    from matplotlib.ticker import MaxNLocator
-
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
 
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     for index, (label, records) in enumerate(runs.items()):
@@ -92,7 +93,10 @@ def _mark_target(ax, target: float | None, accuracy_range: tuple[float, float] |
 
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:  # an edge-only install: plots are the coordinator's
+        raise MissingExtraError("plotting", "matplotlib", "coordinator") from exc
 
     matplotlib.use("Agg")  # files only: no display on servers and boards
     import matplotlib.pyplot as plt
@@ -125,6 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("compare.png"), help="PNG to write (default %(default)s)")
     p.add_argument("--title", default="", help="figure title")
     args = p.parse_args(argv)
+    try:
+        _pyplot()  # before reading any run: a missing matplotlib is the first thing to fix
+    except MissingExtraError as exc:
+        print(f"litefed-plot: error: {exc}", file=sys.stderr)
+        return 1
     labels = args.label or [run.name if run.is_dir() else run.parent.name for run in args.runs]
     if len(labels) != len(args.runs):
         p.error(f"{len(labels)} --label for {len(args.runs)} runs; give one per run or none")

@@ -39,7 +39,7 @@ from coordinator.errors import AggregationError, CoordinatorError
 from coordinator.strategy import Aggregation, ClientUpdate, FedAvg
 from edge_client.weights import NamedArray, TensorSpec, Weights
 
-__all__ = ["FedMedian", "FedTrimmedAvg", "Krum", "coordinate_median", "krum", "trimmed_mean"]
+__all__ = ["FedMedian", "FedTrimmedAvg", "Krum", "coordinate_median", "krum", "min_trimmed_updates", "trimmed_mean"]
 
 Results = Sequence[tuple[Weights, int]]
 
@@ -56,17 +56,33 @@ def coordinate_median(results: Results) -> Weights:
 def trimmed_mean(results: Results, beta: float) -> Weights:
     """Element-wise mean after dropping, per coordinate, the ``floor(beta * n)`` largest and smallest values.
 
-    ``beta`` is in ``[0, 0.5)``; ``beta = 0`` is the unweighted mean. Raises
-    :class:`AggregationError` if ``beta`` would trim every value. Memory O(clients x model).
+    ``beta`` is in ``[0, 0.5)``; ``beta = 0`` asks for the plain unweighted
+    mean. A positive ``beta`` that trims nothing (``floor(beta * n) = 0``, too
+    few updates) raises :class:`AggregationError` rather than silently
+    returning the plain mean, which one bad update can move arbitrarily far.
+    Memory O(clients x model).
     """
     if isinstance(beta, bool) or not isinstance(beta, (int, float, np.floating)) or not 0 <= beta < 0.5:
         raise AggregationError(f"beta must be a number in [0, 0.5), got {beta!r}")
     layout, stacks = _stack(results)
     n = len(results)
     cut = math.floor(beta * n)
+    if beta > 0 and cut == 0:
+        raise AggregationError(
+            f"a trimmed mean with beta={beta:g} of {n} updates trims nothing and would be a plain, non-robust "
+            f"mean; it needs at least {min_trimmed_updates(beta)} updates (or pass beta=0 for a plain mean)"
+        )
     if n - 2 * cut < 1:  # unreachable for beta < 0.5, kept as a guard
         raise AggregationError(f"trimming {cut} from each end of {n} updates leaves nothing; lower beta")
     return _pack(layout, [np.sort(stack, axis=0)[cut : n - cut].mean(axis=0) for stack in stacks])
+
+
+def min_trimmed_updates(beta: float) -> int:
+    """The fewest updates ``n`` for which ``floor(beta * n) >= 1``: below it a trimmed mean trims nothing."""
+    if not 0 < beta < 0.5:
+        raise AggregationError(f"beta must be in (0, 0.5) to trim anything, got {beta!r}")
+    n = math.ceil(1 / beta)
+    return n if math.floor(beta * n) >= 1 else n + 1  # 1 / beta can round below the true ratio
 
 
 def krum(results: Results, num_byzantine: int, multi: int = 1, weighted: bool = False) -> Weights:
@@ -153,13 +169,30 @@ class FedMedian(FedAvg):
 class FedTrimmedAvg(FedAvg):
     """FedAvg selection; new global = ``global + server_lr * trimmed_mean(deltas, beta)``.
 
+    A trimmed mean of ``n`` updates trims ``floor(beta * n)`` from each end,
+    so with too few updates it trims nothing and is a plain mean, no longer
+    robust. A round may close with as few as ``min_fit`` updates, so the
+    check is made on ``min_fit`` when the strategy is built: ``min_fit``
+    (and ``min_available``) default to the fewest updates that trim one
+    from each end, :func:`min_trimmed_updates` (5 for ``beta = 0.2``), and a
+    smaller ``min_fit`` is refused. A round that still ends up with fewer
+    updates (rejected or lost ones) is refused at aggregation rather than
+    averaged: :class:`AggregationError`, and the global model stays as it
+    was. ``beta = 0`` is an explicit plain mean and accepts any count.
     Buffers the whole round: memory O(clients x model).
     """
 
-    def __init__(self, beta: float = 0.2, **fedavg_kwargs: Any):
+    def __init__(
+        self, beta: float = 0.2, min_fit: int | None = None, min_available: int | None = None, **fedavg_kwargs: Any
+    ):
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 0.5:
             raise CoordinatorError(f"beta must be a number in [0, 0.5), got {beta!r}")
-        super().__init__(**fedavg_kwargs)
+        needed = min_trimmed_updates(beta) if beta > 0 else 1
+        min_fit = needed if min_fit is None else min_fit
+        min_available = max(min_fit, needed) if min_available is None else min_available
+        if min_fit < needed:
+            raise CoordinatorError(_untrimmed_message(beta, min_fit, needed))
+        super().__init__(min_fit=min_fit, min_available=min_available, **fedavg_kwargs)
         self.beta = beta
 
     def begin_aggregation(self, server_round: int, global_weights: Weights) -> Aggregation:
@@ -206,6 +239,15 @@ class Krum(FedAvg):
 
 
 # -- helpers ---------------------------------------------------------------------
+
+
+def _untrimmed_message(beta: float, min_fit: int, needed: int) -> str:
+    larger = f", or a larger beta (--trim-beta >= {1 / min_fit:.3g}, below 0.5)" if min_fit >= 3 else ""
+    return (
+        f"a trimmed mean with beta={beta:g} of min_fit={min_fit} updates trims floor({beta:g} x {min_fit}) = 0 "
+        f"from each end and is a plain, non-robust mean; aggregate at least {needed} clients per round "
+        f"(--min-fit >= {needed}){larger}"
+    )
 
 
 def _stack(results: Results) -> tuple[tuple[TensorSpec, ...], list[np.ndarray]]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,16 +18,16 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from coordinator.builtin_models import builtin_model
+from coordinator.cli import fill_local_round_sizes, strategy_options
 from coordinator.datasets import load_test_set, load_training_data
 from coordinator.errors import CoordinatorError
 from coordinator.evaluation import ServerEvaluator
 from coordinator.metrics import RoundMetrics, read_jsonl
 from coordinator.plots import plot_rounds
 from coordinator.privacy import DifferentialPrivacy
-from coordinator.robust import FedMedian, FedTrimmedAvg, Krum
 from coordinator.server import Coordinator, CoordinatorConfig
-from coordinator.strategies import FedAdagrad, FedAdam, FedAvgM, FedProx, FedYogi
-from coordinator.strategy import FedAvg, RoundConfig, Strategy
+from coordinator.strategies import STRATEGIES
+from coordinator.strategy import RoundConfig, Strategy
 from edge_client.manifest import load_manifest, manifest_path_for
 from edge_client.transport import Transport
 
@@ -46,6 +45,11 @@ def build_strategy(
         x, y = load_test_set(args.test_data, manifest)
         evaluate = ServerEvaluator(model_path.read_bytes(), manifest, x, y, num_threads=eval_threads)
         log.info("evaluating on %d held-out examples from %s", len(x), args.test_data)
+    else:
+        log.warning(
+            "no held-out set: the global model is not evaluated and metrics.jsonl has no test accuracy; "
+            "pass --test-data (mnist-small, mnist or an .npz), or give --data an .npz with x_test/y_test"
+        )
     round_config = RoundConfig(epochs=args.epochs, lr=lr, mu=args.mu or 0.0, codec=args.codec)
     strategy = make_strategy(args, round_config, evaluate)
     if args.dp_clip is not None:
@@ -76,33 +80,11 @@ def build_coordinator(args: argparse.Namespace, make_transport: Callable[[str, s
 
 
 def make_strategy(args: argparse.Namespace, round_config: RoundConfig, evaluate) -> Strategy:
-    """The strategy named by ``--strategy``, with the shared selection options."""
-    common = dict(
-        fraction_fit=args.fraction_fit,
-        min_fit=args.min_fit,
-        min_available=args.min_available,
-        round_config=round_config,
-        evaluate_fn=evaluate,
-        lr_decay=args.lr_decay,
-    )
-    if args.server_lr is not None:
-        common["server_lr"] = args.server_lr
-    name = args.strategy
-    if name == "fedavg":
-        return FedAvg(**common)
-    if name == "fedavgm":
-        return FedAvgM(server_momentum=args.server_momentum, **common)
-    if name in ("fedadagrad", "fedadam", "fedyogi"):
-        return {"fedadagrad": FedAdagrad, "fedadam": FedAdam, "fedyogi": FedYogi}[name](**common)
-    if name == "fedprox":
-        return FedProx(mu=0.01 if args.mu is None else args.mu, **common)
-    if name == "median":
-        return FedMedian(**common)
-    if name == "trimmed-mean":
-        return FedTrimmedAvg(beta=args.trim_beta, **common)
-    if name == "krum":
-        return Krum(num_byzantine=args.byzantine, **common)
-    raise CoordinatorError(f"unknown strategy {name!r}")
+    """The strategy named by ``--strategy``: its class's defaults, overridden by the options given."""
+    cls = STRATEGIES.get(args.strategy)
+    if cls is None:
+        raise CoordinatorError(f"unknown strategy {args.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    return cls(round_config=round_config, evaluate_fn=evaluate, **strategy_options(args))
 
 
 def describe(metrics: RoundMetrics) -> str:
@@ -161,8 +143,7 @@ def prepare_local_federation(args: argparse.Namespace) -> tuple[np.ndarray, np.n
     parts = args.partition(y, args.clients, np.random.default_rng(args.seed))
     log.info("%d examples split %s among %d clients (sizes %d..%d)", len(x), args.partition, args.clients,
              min(map(len, parts)), max(map(len, parts)))  # fmt: skip
-    args.min_available = args.min_available or args.clients
-    args.min_fit = args.min_fit or max(1, math.ceil(args.fraction_fit * args.clients))
+    fill_local_round_sizes(args)
     return x, y, parts
 
 

@@ -4,9 +4,15 @@ One round: wait until ``strategy.min_available`` clients are online, let the
 strategy pick clients and hyper-parameters, publish the global weights and
 the round announcement (both retained), then fold in updates as they arrive
 until every selected client answered or the deadline passed. With fewer
-than ``strategy.min_fit`` accepted updates the round is retried with more
-clients (accepted updates are kept). Then aggregate, evaluate, checkpoint,
-log the metrics and go on.
+than ``strategy.min_fit`` accepted updates the round is retried: announced
+again with a new deadline to the selected clients that have not answered
+plus those the strategy samples among the other eligible ones (accepted
+updates are kept). Then aggregate, evaluate, checkpoint, log the metrics
+and go on.
+
+Every run has a random id (:attr:`Coordinator.run_id`) that travels in
+global frames, announcements and acks, and that updates must echo; a run
+resumed from its checkpoint keeps it (docs/protocol.md, "Runs").
 
 The service knows MQTT only through a :class:`~edge_client.transport.Transport`,
 so tests drive it over an in-memory broker exactly as it runs over Mosquitto.
@@ -23,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from coordinator.aggregate import finish_or_keep
 from coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from coordinator.errors import AggregationError, CoordinatorError
 from coordinator.metrics import RoundMetrics, append_jsonl
@@ -31,7 +38,7 @@ from edge_client.chunks import DEFAULT_MAX_CHUNK, Reassembler, split
 from edge_client.errors import ProtocolError
 from edge_client.frames import Frame, decode_frame, encode_frame, validate_frame
 from edge_client.manifest import Manifest, load_manifest, manifest_path_for
-from edge_client.messages import Ack, ModelMeta, Presence, RoundAnnouncement
+from edge_client.messages import Ack, ModelMeta, Presence, RoundAnnouncement, new_run_id
 from edge_client.model_file import sha256_hex
 from edge_client.runtime import TrainableModel
 from edge_client.topics import Topics
@@ -94,6 +101,7 @@ class Coordinator:
         self.history: list[RoundMetrics] = []
         self.global_weights: Weights = TrainableModel(self.model, self.manifest).get_weights()
         self.completed_round = 0
+        self.run_id = new_run_id()  # replaced by the checkpoint's when resuming
         self._rng = np.random.default_rng(config.seed)
         self._reassembler = Reassembler()
         self._open: _OpenRound | None = None
@@ -102,15 +110,22 @@ class Coordinator:
 
     # -- lifecycle ------------------------------------------------------------
     def start(self) -> None:
-        """Connect, restore the last checkpoint and publish the model."""
-        self._restore()
+        """Connect, restore the last checkpoint (or start a new run) and publish the model."""
+        resumed = self._restore()
+        if not resumed and self.config.checkpoint_dir is not None:
+            # Checkpointed at once, so a restart during round 1 keeps the run id.
+            save_checkpoint(self.config.checkpoint_dir, self._checkpoint())
         self.transport.connect()
+        # Clear the retained announcement first: until this run announces its own round, a board
+        # must not find a round of another run (or a closed one of this run) there.
+        self._publish(self.topics.round, b"", retain=True)
         self.transport.subscribe(self.topics.presences)
         self.transport.subscribe(self.topics.updates)
         count = self._publish_chunked("model", self.topics.model_chunk, self.model)
         meta = ModelMeta(self.model_sha256, len(self.model), count, self.manifest.to_json())
         self._publish(self.topics.model_meta, meta.to_bytes(), retain=True)
         log.info("published model %s (%d bytes, %d chunks)", self.model_sha256[:12], len(self.model), count)
+        log.info("%s run %s", "resuming" if resumed else "starting", self.run_id)
 
     def run(self, stop: threading.Event | None = None) -> list[RoundMetrics]:
         """Run the remaining rounds; return the metrics of the rounds run now."""
@@ -146,12 +161,16 @@ class Coordinator:
                 return None
             if len(self._open.accepted) >= self.strategy.min_fit:
                 break
-            log.warning(
-                "round %d: %d of at least %d updates by the deadline; retrying with more clients",
-                number,
-                len(self._open.accepted),
-                self.strategy.min_fit,
-            )
+            if attempt < self.config.max_attempts:
+                log.warning(
+                    "round %d: %d accepted update(s) by the deadline, min_fit is %d; announcing the round again "
+                    "(attempt %d of %d)",
+                    number,
+                    len(self._open.accepted),
+                    self.strategy.min_fit,
+                    attempt + 1,
+                    self.config.max_attempts,
+                )
         else:
             raise CoordinatorError(
                 f"round {number} got {len(self._open.accepted)} updates in {self.config.max_attempts} attempts, "
@@ -166,6 +185,7 @@ class Coordinator:
         open_ = self._open
         available = sorted(c for c in self._eligible() if c not in open_.accepted)
         chosen, round_config = self.strategy.configure_round(open_.number, available, self._rng)
+        waiting = open_.selected - open_.accepted  # selected by earlier attempts, no update yet
         open_.selected |= set(chosen)
         open_.deadline = self._clock() + self.config.round_timeout
         open_.metrics.clients_selected = len(open_.selected)
@@ -181,15 +201,26 @@ class Coordinator:
             round_config.lr,
             round_config.mu,
             round_config.codec,
+            self.run_id,
         )
         self._publish(self.topics.round, announcement.to_bytes(), retain=True)
-        log.info(
-            "round %d (attempt %d): selected %d of %d online clients",
-            open_.number,
-            attempt,
-            len(chosen),
-            len(self.online),
-        )
+        if attempt == 1:
+            log.info("round %d: selected %d of %d online clients", open_.number, len(chosen), len(self.online))
+        else:
+            # The strategy samples again among the eligible clients without an accepted update
+            # (fewer than in attempt 1); those still silent are asked again as well.
+            log.info(
+                "round %d (attempt %d): asking %d client(s) for an update: %d selected earlier without an "
+                "update yet, %d newly sampled from the %d eligible online clients without an accepted update "
+                "(%d accepted so far)",
+                open_.number,
+                attempt,
+                len(announcement.selected),
+                len(waiting),
+                len(set(chosen) - waiting),
+                len(available),
+                len(open_.accepted),
+            )
 
     def _collect(self, stop: threading.Event) -> bool:
         """Handle messages until every selected client answered or the deadline passed."""
@@ -204,7 +235,13 @@ class Coordinator:
     def _finish_round(self, started: float, bytes_in: int, bytes_out: int) -> None:
         open_, metrics = self._open, self._open.metrics
         t0 = time.perf_counter()
-        self.global_weights = open_.aggregation.finish()
+        self.global_weights, metrics.aggregation_error = finish_or_keep(open_.aggregation, self.global_weights)
+        if metrics.aggregation_error is not None:
+            log.error(
+                "round %d: aggregate refused (%s); the global model stays as it was",
+                open_.number,
+                metrics.aggregation_error,
+            )
         metrics.aggregate_seconds = time.perf_counter() - t0
         metrics.dp_epsilon = privacy_spent(self.strategy)
         t0 = time.perf_counter()
@@ -302,23 +339,29 @@ class Coordinator:
                 if reason == "stale_round":
                     self._open.metrics.late_updates += 1
             # The ack names the update's round, so the client knows which update was refused.
+            # So does its run: a board of another run can tell this rejection is about its update.
             current = self._open.number if self._open else self.completed_round
-            self._ack(client, Ack(frame.round if frame is not None else current, "rejected", reason))
+            if frame is not None:
+                self._ack(client, Ack(frame.round, "rejected", reason, frame.run))
+            else:
+                self._ack(client, Ack(current, "rejected", reason, self.run_id))
 
     def _accept(self, client: str, frame: Frame) -> None:
         open_ = self._open
         if open_ is None:
             raise ProtocolError("stale_round", f"no round is open (last completed: {self.completed_round})")
-        validate_frame(frame, self.manifest.weights, self.model_sha256, "update", current_round=open_.number)
+        validate_frame(
+            frame, self.manifest.weights, self.model_sha256, "update", current_round=open_.number, run=self.run_id
+        )
         if client in open_.accepted:
-            self._ack(client, Ack(open_.number, "duplicate"))
+            self._ack(client, Ack(open_.number, "duplicate", run=self.run_id))
             return
         if client not in open_.selected:
             raise ProtocolError("not_selected", f"{client} was not selected for round {open_.number}")
         open_.aggregation.add(ClientUpdate(client, frame.tensors, frame.num_examples, dict(frame.metrics)))
         open_.accepted.add(client)
         open_.metrics.record_update(frame.num_examples, frame.metrics)
-        self._ack(client, Ack(open_.number, "accepted"))
+        self._ack(client, Ack(open_.number, "accepted", run=self.run_id))
         log.debug(
             "round %d: update from %s accepted (%d/%d)", open_.number, client, len(open_.accepted), len(open_.selected)
         )
@@ -332,7 +375,7 @@ class Coordinator:
         self._bytes_out += len(payload)
 
     def _publish_global(self, number: int) -> None:
-        frame = Frame("global", number, self.model_sha256, self.global_weights)
+        frame = Frame("global", number, self.model_sha256, self.global_weights, run=self.run_id)
         self._publish_chunked("global", self.topics.global_chunk, encode_frame(frame))
 
     def _publish_chunked(self, family: str, topic_for: Callable[[int], str], payload: bytes) -> int:
@@ -348,15 +391,23 @@ class Coordinator:
 
     def _checkpoint(self) -> Checkpoint:
         state = self.strategy.state_dict() if hasattr(self.strategy, "state_dict") else {}
-        return Checkpoint(self.completed_round, self.model_sha256, self.global_weights, state)
+        return Checkpoint(self.completed_round, self.model_sha256, self.global_weights, state, self.run_id)
 
-    def _restore(self) -> None:
+    def _restore(self) -> bool:
+        """Resume from the checkpoint if there is one for this model; True if resumed."""
         if self.config.checkpoint_dir is None:
-            return
+            return False
         checkpoint = load_checkpoint(self.config.checkpoint_dir, self.model_sha256)
         if checkpoint is None:
-            return
+            return False
         self.global_weights, self.completed_round = checkpoint.weights, checkpoint.completed_round
         if checkpoint.strategy_state and hasattr(self.strategy, "load_state_dict"):
             self.strategy.load_state_dict(checkpoint.strategy_state)  # e.g. FedAdam's moments
+        if checkpoint.run_id:
+            self.run_id = checkpoint.run_id
+        else:  # written before runs had ids (protocol v1): continue under a new one, saved at once
+            log.warning("the checkpoint in %s has no run id; continuing as run %s", self.config.checkpoint_dir,
+                        self.run_id)  # fmt: skip
+            save_checkpoint(self.config.checkpoint_dir, self._checkpoint())
         log.info("resuming after round %d from %s", self.completed_round, self.config.checkpoint_dir)
+        return True

@@ -47,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=min(4, os.cpu_count() or 1),
         help="client processes; 0 trains in this process (default: cores, at most 4)",
     )
-    p.add_argument("--target-accuracy", type=float, help="stop after the first round at or above this test accuracy")
+    p.add_argument(
+        "--target-accuracy",
+        type=float,
+        help="stop after the first round at or above this test accuracy (default: run every round)",
+    )
     add_round_arguments(
         p,
         min_available=None,

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from coordinator.aggregate import finish_or_keep
 from coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from coordinator.errors import AggregationError, CoordinatorError
 from coordinator.metrics import RoundMetrics, append_jsonl
@@ -59,6 +60,7 @@ from edge_client.error_feedback import ErrorFeedback
 from edge_client.errors import ProtocolError, WeightsError
 from edge_client.frames import Frame, decode_frame, encode_frame, validate_frame
 from edge_client.manifest import load_manifest, manifest_path_for
+from edge_client.messages import new_run_id
 from edge_client.runtime import TrainableModel
 from edge_client.state import StateStore
 from edge_client.training import TrainingDiverged, encode_update, train_local, uses_error_feedback
@@ -117,6 +119,7 @@ def run_client_job(model: TrainableModel, job: ClientJob) -> ClientOutcome:
         payload = encode_update(
             training,
             round=job.round,
+            run=start.run,  # echoed from the global frame, as a board does
             model_sha256=start.model_sha256,
             client_id=job.client_id,
             codec=job.config.codec,
@@ -204,6 +207,8 @@ class FederatedProcess:
     function of its inputs. Lossy codecs add client state, the clients'
     error-feedback residuals: they live in this object, or under
     ``client_state_dir/<client id>/`` when given, and advance with every call.
+    ``run_id`` is the run the frames carry (default: a new random one), as an
+    MQTT coordinator's; it changes no number, only frame headers.
     """
 
     def __init__(
@@ -215,8 +220,10 @@ class FederatedProcess:
         threads_per_worker: int = 1,
         seed: int = 0,
         client_state_dir: Path | None = None,
+        run_id: str | None = None,
     ):
         self.model_path = Path(model_path)
+        self.run_id = run_id or new_run_id()
         self.manifest = load_manifest(manifest_path_for(self.model_path))
         self.model_sha256 = self.manifest.model_sha256
         self.strategy, self.seed = strategy, seed
@@ -266,7 +273,11 @@ class FederatedProcess:
                 f"round {number}: no client sent a usable update ({metrics.rejected_reasons}); "
                 "lower the client learning rate if training diverged"
             )
-        weights = aggregation.finish()
+        weights, metrics.aggregation_error = finish_or_keep(aggregation, state.weights)
+        if metrics.aggregation_error is not None:
+            log.error(
+                "round %d: aggregate refused (%s); the global model stays as it was", number, metrics.aggregation_error
+            )
         metrics.aggregate_seconds = time.perf_counter() - t0
         metrics.dp_epsilon = privacy_spent(self.strategy)
         t0 = time.perf_counter()
@@ -279,7 +290,7 @@ class FederatedProcess:
     def client_jobs(self, state: ServerState, datasets: Mapping[str, Dataset], config: RoundConfig) -> list[ClientJob]:
         """The jobs of the round after ``state``, in client-id order, each with its seed and residuals."""
         number = state.round + 1
-        global_frame = encode_frame(Frame("global", number, self.model_sha256, state.weights))  # encoded once
+        global_frame = encode_frame(Frame("global", number, self.model_sha256, state.weights, run=self.run_id))
         jobs = []
         for index, (client_id, (x, y)) in enumerate(sorted(datasets.items())):
             seed = np.random.SeedSequence(self.seed, spawn_key=(number, _client_index(client_id, index)))
@@ -298,7 +309,9 @@ class FederatedProcess:
         metrics.bytes_in += len(outcome.payload)
         try:
             frame = decode_frame(outcome.payload)
-            validate_frame(frame, self.manifest.weights, self.model_sha256, "update", current_round=number)
+            validate_frame(
+                frame, self.manifest.weights, self.model_sha256, "update", current_round=number, run=self.run_id
+            )
             aggregation.add(ClientUpdate(outcome.client_id, frame.tensors, frame.num_examples, dict(frame.metrics)))
         except (ProtocolError, AggregationError) as exc:
             log.warning("round %d: update from %s rejected: %s", number, outcome.client_id, exc)
@@ -440,7 +453,13 @@ class Simulation:
         if out is not None:
             save_checkpoint(
                 out / "checkpoints",
-                Checkpoint(number, self.process.model_sha256, self.state.weights, dict(self.state.strategy_state)),
+                Checkpoint(
+                    number,
+                    self.process.model_sha256,
+                    self.state.weights,
+                    dict(self.state.strategy_state),
+                    self.process.run_id,
+                ),
             )
             append_jsonl(out / "metrics.jsonl", metrics.to_json())
         self.history.append(metrics)
@@ -461,5 +480,7 @@ class Simulation:
             raise CoordinatorError(
                 f"cannot resume from {self.config.out / 'checkpoints'}: {exc}; use another --out"
             ) from exc
+        if checkpoint.run_id:
+            self.process.run_id = checkpoint.run_id  # the same run, as a resumed MQTT coordinator
         log.info("resuming after round %d from %s", checkpoint.completed_round, self.config.out)
         return ServerState(checkpoint.completed_round, checkpoint.weights, checkpoint.strategy_state)

@@ -98,6 +98,9 @@ class FedAvg:
     least ``min_fit``); the new global model is ``global + server_lr *
     sum(n_k * delta_k) / sum(n_k)``. ``server_lr = 1`` is plain FedAvg.
 
+    ``server_lr`` defaults to the class's ``DEFAULT_SERVER_LR`` (1 here;
+    server optimisers set their own), the one place each default is held.
+
     ``lr_decay`` multiplies the client learning rate by itself every round
     (round ``t`` trains at ``lr * lr_decay**(t - 1)``): with non-IID data a
     smaller late step means less client drift, and FedAvg needs a decaying
@@ -105,13 +108,15 @@ class FedAvg:
     Non-IID Data"). ``1`` keeps it constant.
     """
 
+    DEFAULT_SERVER_LR: float = 1.0
+
     def __init__(
         self,
         fraction_fit: float = 1.0,
         min_fit: int = 1,
         min_available: int = 1,
         round_config: RoundConfig = RoundConfig(),
-        server_lr: float = 1.0,
+        server_lr: float | None = None,
         evaluate_fn: Callable[[Weights], dict[str, float]] | None = None,
         lr_decay: float = 1.0,
     ):
@@ -123,7 +128,8 @@ class FedAvg:
             raise CoordinatorError(f"lr_decay must be in (0, 1], got {lr_decay}")
         self.lr_decay = lr_decay
         self.fraction_fit, self.min_fit, self.min_available = fraction_fit, min_fit, min_available
-        self.round_config, self.server_lr, self._evaluate_fn = round_config, server_lr, evaluate_fn
+        self.server_lr = type(self).DEFAULT_SERVER_LR if server_lr is None else server_lr
+        self.round_config, self._evaluate_fn = round_config, evaluate_fn
 
     def configure_round(
         self, server_round: int, available: Sequence[str], rng: np.random.Generator

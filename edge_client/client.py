@@ -13,10 +13,15 @@ One :class:`EdgeClient` follows the protocol of docs/protocol.md:
    against the manifest and the one with the highest round is kept.
 3. When a ``RoundAnnouncement`` selects this client, for a round it has not
    trained, before the deadline, with the announced model and the global
-   weights *of that round* (the coordinator publishes the global frame of
-   round ``r`` with ``"round": r`` before announcing round ``r``), it trains
+   weights *of that round and run* (the coordinator publishes the global frame
+   of round ``r`` with ``"round": r`` before announcing round ``r``), it trains
    and sends ``local - global`` as an update frame, in chunks, on
-   ``update/<id>``.
+   ``update/<id>``. A training that gives no update (diverged, failed, too
+   slow) does not count as trained: a retry of the round trains again.
+   Every progress record belongs to one run: a global frame or an open
+   announcement of another run makes the client join that run, dropping the
+   old run's pending update, residuals and trained rounds (docs/protocol.md,
+   "Runs").
 4. Without an ack it resends the same bytes every ``ack_timeout`` seconds, at
    most ``max_resends`` times and never after the deadline; ``accepted`` or
    ``duplicate`` end the round, ``rejected`` is logged and ends it too. A newer
@@ -25,6 +30,9 @@ One :class:`EdgeClient` follows the protocol of docs/protocol.md:
 Everything from the wire is untrusted: a malformed message is logged with its
 :class:`ProtocolError` reason, counted in :attr:`EdgeClient.rejected` and
 otherwise ignored; nothing received makes :meth:`~EdgeClient.step` raise.
+A well-formed message that is ignored (another run, a round already trained,
+an older round) is logged once per reason and round, not on every retained
+re-delivery.
 
 Training runs on the calling thread, one epoch at a time, so a shutdown
 request or a passed deadline stops it between epochs; messages arriving
@@ -63,6 +71,7 @@ from edge_client.transport import Message, Transport
 log = logging.getLogger(__name__)
 
 RECEIVE_POLL = 0.5  # seconds run() waits for a message before checking its stop event again
+MAX_IGNORED_KEYS = 4096  # "logged once" memory; forgetting it only means logging an old reason again
 # Incomplete transfers a board holds at once: a few models' worth, not the Reassembler's server-sized 1 GiB.
 MAX_PENDING_TRANSFER_BYTES = 256 << 20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -86,6 +95,7 @@ class _Upload:
     """An encoded update awaiting its ack."""
 
     round: int
+    run: str
     model_sha256: str
     payload: bytes
     chunks: list[bytes] = field(default_factory=list)
@@ -123,7 +133,11 @@ class EdgeClient:
         self.store = StateStore(config.state_dir)
         self.rejected: Counter[str] = Counter()
         self.updates_sent = 0  # update transmissions, resends included
-        self._settled: set[int] = set()  # rounds trained here whose outcome is known
+        self._settled: set[tuple[str, int]] = set()  # (run, round) trained here whose outcome is known
+        self._ignored: set[tuple[Any, ...]] = set()  # (reason, ...) already logged by _ignore
+        # (run, round, deadline) of the announcement whose training gave no update: a retry
+        # (same round, new deadline) trains again; the same announcement does not.
+        self._no_update: tuple[str, int, float] | None = None
         # The last acknowledged update, kept until a newer round: a coordinator restarted
         # mid-round has lost it and asks for it again by selecting this client once more.
         self._answered: _Upload | None = None
@@ -385,7 +399,7 @@ class EdgeClient:
         if self._upload is not None and self._upload.model_sha256 != digest:
             self._abandon_upload(f"the model changed to {digest[:12]}")
         if self.progress.model_sha256 != digest:
-            self.progress = Progress(model_sha256=digest)
+            self.progress = Progress(model_sha256=digest, run=self.progress.run)
             if persist:
                 self._save_progress()
         if previous != digest:
@@ -420,7 +434,10 @@ class EdgeClient:
     def _offer_global(self, data: bytes, frame: Frame) -> None:
         if self.manifest is None or frame.model_sha256 != self.model_sha256:
             orphan = self._orphan_global
-            if orphan is None or orphan[1].model_sha256 != frame.model_sha256 or frame.round > orphan[1].round:
+            held = None if orphan is None else orphan[1]
+            # Keep the latest: another model or run replaces it, as does a later round of the same.
+            same = held is not None and (held.model_sha256, held.run) == (frame.model_sha256, frame.run)
+            if not same or frame.round > held.round:
                 self._orphan_global = (data, frame)
                 log.info(
                     "keeping global weights of round %d for model %s until that model arrives",
@@ -429,13 +446,20 @@ class EdgeClient:
                 )
             return
         validate_frame(frame, self.manifest.weights, self.model_sha256, "global")
+        if frame.run != self.progress.run:
+            # The coordinator publishes a run's global frame before announcing its rounds, and
+            # replaces the retained one of the previous run: it is the sign of a new run.
+            self._join_run(frame.run, f"global weights of round {frame.round} arrived")
         current = self.global_frame
-        if current is not None and frame.round <= current.round:
-            log.debug("ignoring global weights of round %d: holding round %d", frame.round, current.round)
+        if current is not None and current.run == frame.run and frame.round <= current.round:
+            self._ignore(
+                ("stale_round", "global", frame.run, frame.round),
+                f"ignoring global weights of round {frame.round}: holding round {current.round} of this run",
+            )
             return
         self.global_frame, self._global_transfer = frame, transfer_id_for(data)
         self._waiting = None
-        log.info("global weights of round %d received", frame.round)
+        log.info("global weights of round %d received (run %s)", frame.round, frame.run)
         try:
             self.store.save_global(data)
         except StateError as exc:
@@ -448,9 +472,22 @@ class EdgeClient:
         if not np.isfinite(ann.deadline):
             raise ProtocolError("bad_json", "round announcement: deadline must be finite")
         get_codec(ann.codec)  # ProtocolError("unknown_codec") for a codec this client cannot encode
+        if ann.run != self.progress.run:
+            if self.clock() >= ann.deadline:
+                # A closed round of another run: an old retained message, never a reason to leave this run.
+                self._ignore(
+                    ("stale_run", "round", ann.run, ann.round),
+                    f"ignoring the announcement of round {ann.round} of run {ann.run}: its deadline has passed "
+                    f"and this board follows run {self.progress.run or '(none yet)'}",
+                )
+                return
+            self._join_run(ann.run, f"round {ann.round} was announced")
         current = self.announcement
-        if current is not None and ann.round < current.round:
-            log.debug("ignoring the announcement of round %d: round %d is current", ann.round, current.round)
+        if current is not None and current.run == ann.run and ann.round < current.round:
+            self._ignore(
+                ("stale_round", "round", ann.run, ann.round),
+                f"ignoring the announcement of round {ann.round}: round {current.round} is current",
+            )
             return
         if ann == current:
             return
@@ -479,12 +516,46 @@ class EdgeClient:
             selected
             and self._upload is None
             and answered is not None
-            and (answered.round, answered.model_sha256) == (ann.round, ann.model_sha256)
+            and (answered.run, answered.round, answered.model_sha256) == (ann.run, ann.round, ann.model_sha256)
         )
         if asked_again:
             log.info("round %d: asked again for the update already acknowledged; sending it again", ann.round)
             answered.deadline, answered.exhausted = None, False  # a fresh allowance of sends
             self._upload, self._answered = answered, None
+
+    def _ignore(self, key: tuple[Any, ...], message: str, level: int = logging.INFO) -> None:
+        """Log why a well-formed message is ignored, once per ``key`` (reason first, then run/round)."""
+        if key in self._ignored:
+            return
+        if len(self._ignored) >= MAX_IGNORED_KEYS:
+            self._ignored.clear()
+        self._ignored.add(key)
+        log.log(level, "%s (%s)", message, key[0])
+
+    def _join_run(self, run: str, why: str) -> None:
+        """Follow ``run`` from now on: nothing of the previous run is kept (durably)."""
+        old = self.progress.run
+        if old:
+            log.info(
+                "joining run %s (%s): leaving run %s, with its pending update, error-feedback residuals "
+                "and trained rounds",
+                run,
+                why,
+                old,
+            )
+        else:
+            log.info("joining run %s (%s)", run, why)
+        self._abandon_upload(f"run {run} started")
+        self._answered, self._no_update, self._waiting = None, None, None
+        if self.announcement is not None and self.announcement.run != run:
+            self.announcement = None
+        self._feedback.reset()
+        try:  # residuals first: a crash before progress.json names the new run only repeats this
+            self.store.clear_residuals()
+        except OSError as exc:
+            log.error("cannot remove the old run's residuals (%s); they will not be loaded for this run", exc)
+        self.progress = Progress(model_sha256=self.progress.model_sha256, run=run)
+        self._save_progress()
 
     def _wait(self, reason: str, level: int = logging.INFO) -> None:
         """Log why the announced round is not being trained, once per reason."""
@@ -496,11 +567,21 @@ class EdgeClient:
         ann = self.announcement
         if ann is None:
             return
-        r = ann.round
+        r, selected = ann.round, self.client_id in ann.selected
+        if ann.run != self.progress.run:
+            return  # _on_round joins the run of every announcement it keeps; kept for safety
         trained = self.progress.trained_round
         if trained is not None and r <= trained:
+            if selected and self._upload is None:
+                self._ignore(
+                    ("already_trained", ann.run, r),
+                    f"round {r}: selected, but this board already trained it in this run and no longer holds "
+                    "the update; not training it again",
+                )
             return
-        if self.client_id not in ann.selected:
+        if self._no_update == (ann.run, r, ann.deadline):
+            return  # this announcement's training gave no update; a retry of the round trains again
+        if not selected:
             self._wait(f"round {r}: not selected", logging.DEBUG)
             return
         if self.clock() >= ann.deadline:
@@ -509,8 +590,10 @@ class EdgeClient:
         if self.model is None or self.model_sha256 != ann.model_sha256:
             self._wait(f"round {r}: waiting for model {ann.model_sha256[:12]}")
             return
-        if self.global_frame is None or self.global_frame.round != r:
-            have = "none" if self.global_frame is None else f"round {self.global_frame.round}"
+        held = self.global_frame
+        if held is None or held.round != r or held.run != ann.run:
+            have = "none" if held is None else f"round {held.round}"
+            have += "" if held is None or held.run == ann.run else " of another run"
             self._wait(f"round {r}: waiting for the global weights of round {r} (holding {have})")
             return
         if self._data is None:
@@ -540,24 +623,25 @@ class EdgeClient:
                 keep_going=lambda: not interrupted() and self.clock() < ann.deadline,
             )
         except TrainingDiverged as exc:
-            log.error("round %d: %s; not sending", r, exc)
-            self._finish_round(r)
+            log.error("round %d: %s; not sending (a retry of the round trains again)", r, exc)
+            self._no_update_for(ann)
             return
         except Exception:
             log.exception("round %d: training failed", r)
-            self._finish_round(r)
+            self._no_update_for(ann)
             return
         if interrupted():
             log.info("round %d: training interrupted by shutdown", r)
             return  # not marked trained: after a restart it may train again if the round is open
         if training is None or self.clock() >= ann.deadline:
             log.warning("too slow for round %d: training ended after the deadline; not sending", r)
-            self._finish_round(r)
+            self._no_update_for(ann)
             return
         try:
             payload = encode_update(
                 training,
                 round=r,
+                run=ann.run,
                 model_sha256=ann.model_sha256,
                 client_id=self.client_id,
                 codec=ann.codec,
@@ -565,7 +649,7 @@ class EdgeClient:
             )
         except ProtocolError as exc:
             log.error("round %d: cannot encode the update with codec %r: %s; not sending", r, ann.codec, exc)
-            self._finish_round(r)
+            self._no_update_for(ann)
             return
         if uses_error_feedback(ann.codec):
             self._save_residuals()
@@ -575,7 +659,7 @@ class EdgeClient:
         self._save_progress(payload)
         # The transfer id is this digest's prefix: pass it rather than hash 6 MB again.
         chunks = split(payload, self._chunk_size, transfer_id=bytes.fromhex(digest)[:16])
-        self._upload = _Upload(r, ann.model_sha256, payload, chunks)
+        self._upload = _Upload(r, ann.run, ann.model_sha256, payload, chunks)
         log.info(
             "round %d: trained in %.1f s (%s); update of %d bytes (%s)",
             r,
@@ -592,16 +676,18 @@ class EdgeClient:
         except StateError as exc:
             log.error("%s; error-feedback residuals stay in memory only", exc)
 
-    def _finish_round(self, r: int) -> None:
-        """Mark round ``r`` trained (it is never trained again) and settled."""
-        self.progress = replace(self.progress, trained_round=r)
-        self._save_progress()
-        self._settled.add(r)
+    def _no_update_for(self, ann: RoundAnnouncement) -> None:
+        """Training for ``ann`` gave nothing to send: settled, but not trained (a retry trains again)."""
+        self._no_update = (ann.run, ann.round, ann.deadline)
+        self._settled.add((ann.run, ann.round))
 
     # -- sending and acks ------------------------------------------------------------
     def _tick(self) -> None:
         up, ann = self._upload, self.announcement
         if up is None or ann is None:
+            return
+        if ann.run != up.run:
+            self._abandon_upload(f"run {ann.run} was announced")
             return
         if ann.round > up.round:
             self._abandon_upload(f"round {ann.round} was announced")
@@ -619,14 +705,14 @@ class EdgeClient:
         if now >= ann.deadline:
             log.warning("round %d: the deadline passed without an ack after %d send(s)", up.round, up.sends)
             up.exhausted = True
-            self._settled.add(up.round)
+            self._settled.add((up.run, up.round))
             return
         if now < up.next_send:
             return
         if up.sends > self.config.max_resends:
             log.warning("round %d: no ack after %d send(s); giving up", up.round, up.sends)
             up.exhausted = True
-            self._settled.add(up.round)
+            self._settled.add((up.run, up.round))
             return
         self._send(up)
 
@@ -655,11 +741,22 @@ class EdgeClient:
     def _on_ack(self, payload: bytes) -> None:
         ack = Ack.from_bytes(payload)
         up = self._upload
+        if up is not None and ack.run != up.run:
+            self._ignore(
+                ("stale_run", "ack", ack.run, ack.round),
+                f"ignoring an ack of round {ack.round} of run {ack.run}: the update awaiting an ack is of run {up.run}",
+            )
+            return
         # A coordinator that has moved on rejects a late update (stale_round) under the number of
         # its own current round; only the update in flight can have caused that.
         late_rejection = up is not None and ack.status == "rejected" and ack.round > up.round
         if up is None or (ack.round != up.round and not late_rejection):
-            log.debug("ignoring an ack for round %d: no update of that round awaits one", ack.round)
+            # Typically a second ack (duplicate) after the first ended the round: normal, so debug.
+            self._ignore(
+                ("no_update_awaits", ack.run, ack.round, ack.status),
+                f"ignoring an ack ({ack.status}) of round {ack.round}: no update of that round awaits one",
+                logging.DEBUG,
+            )
             return
         if ack.status in ("accepted", "duplicate"):
             log.info("round %d: update %s by the coordinator", up.round, ack.status)
@@ -675,7 +772,7 @@ class EdgeClient:
             self.progress = replace(self.progress, pending=None)
         self._upload = None
         self._save_progress()
-        self._settled.add(up.round)
+        self._settled.add((up.run, up.round))
 
     def _abandon_upload(self, why: str) -> None:
         up = self._upload
@@ -683,7 +780,7 @@ class EdgeClient:
             return
         log.info("round %d: abandoning the update awaiting an ack: %s", up.round, why)
         self._upload = None
-        self._settled.add(up.round)
+        self._settled.add((up.run, up.round))
         if self.progress.pending is not None:
             self.progress = replace(self.progress, pending=None)
             self._save_progress()
@@ -733,7 +830,8 @@ class EdgeClient:
                 progress = replace(progress, pending=None)
             self.progress = progress
             if pending_bytes is not None and progress.pending is not None:
-                self._upload = _Upload(progress.pending.round, progress.pending.model_sha256, pending_bytes)
+                pending = progress.pending
+                self._upload = _Upload(pending.round, progress.run, pending.model_sha256, pending_bytes)
                 log.info("restored the update of round %d awaiting an ack", progress.pending.round)
         elif progress.model_sha256:
             log.info("the stored progress belongs to another model; starting afresh")

@@ -27,10 +27,13 @@ import numpy as np
 
 from edge_client.codecs import get_codec
 from edge_client.errors import ProtocolError, WeightsError
+from edge_client.messages import UNNAMED_RUN, check_run_id
 from edge_client.weights import NamedArray, TensorSpec, Weights, check_weights
 
 MAGIC = b"LFWT"
-FRAME_VERSION = 1
+# Version 2 added the run id ("run"): a v1 peer would take a frame of any run for the current one.
+FRAME_VERSION = 2
+LEGACY_VERSIONS = (1,)  # decodable on request only (old checkpoints), with run = UNNAMED_RUN
 KINDS = ("update", "global")
 MAX_HEADER_BYTES = 1 << 20
 MAX_TENSORS = 4096
@@ -52,10 +55,12 @@ class Frame:
     client_id: str = ""
     num_examples: int = 0
     metrics: Mapping[str, float] = field(default_factory=dict)
+    run: str = UNNAMED_RUN  # the federation run the weights belong to (docs/protocol.md, "Runs")
 
 
 def encode_frame(frame: Frame) -> bytes:
     """Serialize ``frame``; tensors are encoded with ``frame.codec``."""
+    check_run_id(frame.run, "frame to encode", "bad_header")
     codec = get_codec(frame.codec)
     blobs, specs = [], []
     for name, array in frame.tensors:
@@ -64,6 +69,7 @@ def encode_frame(frame: Frame) -> bytes:
         specs.append({"name": name, "shape": list(array.shape), "nbytes": len(blob), "params": params})
     header = {
         "kind": frame.kind,
+        "run": frame.run,
         "round": frame.round,
         "model_sha256": frame.model_sha256,
         "codec": frame.codec,
@@ -77,26 +83,35 @@ def encode_frame(frame: Frame) -> bytes:
     return body + _CRC.pack(zlib.crc32(body))
 
 
-def decode_frame(data: bytes) -> Frame:
+def decode_frame(data: bytes, *, accept_legacy: bool = False) -> Frame:
     """Parse and structurally validate a frame; raise :class:`ProtocolError`.
 
     Checks magic, version, lengths, checksum, header types and tensor sizes.
     Whether the tensors fit a model (names, shapes, finite values) is the
     receiver's check: see :func:`edge_client.weights.check_weights`.
+    ``accept_legacy`` also decodes version-1 frames (no run id, so
+    ``run = UNNAMED_RUN``): for files written before v2, never for the wire.
     """
     if len(data) < _PREFIX.size + _CRC.size:
         raise ProtocolError("truncated", f"frame of {len(data)} bytes is shorter than its fixed fields")
     magic, version, header_len = _PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise ProtocolError("bad_magic", f"frame starts with {magic!r}, expected {MAGIC!r}")
-    if version != FRAME_VERSION:
-        raise ProtocolError("bad_version", f"frame version {version}, this litefed speaks {FRAME_VERSION}")
+    if version != FRAME_VERSION and not (accept_legacy and version in LEGACY_VERSIONS):
+        raise ProtocolError(
+            "bad_version",
+            f"frame version {version}, this litefed speaks {FRAME_VERSION}; run one litefed version on every peer",
+        )
     if header_len > MAX_HEADER_BYTES or _PREFIX.size + header_len + _CRC.size > len(data):
         raise ProtocolError("truncated", f"header of {header_len} bytes does not fit a {len(data)}-byte frame")
     (crc,) = _CRC.unpack_from(data, len(data) - _CRC.size)
     if zlib.crc32(memoryview(data)[: len(data) - _CRC.size]) != crc:
         raise ProtocolError("bad_checksum", "CRC-32 mismatch: the frame was corrupted or truncated")
     header = _parse_header(bytes(data[_PREFIX.size : _PREFIX.size + header_len]))
+    if version == FRAME_VERSION:
+        check_run_id(header.get("run"), "frame header", "bad_header")
+    else:
+        header["run"] = UNNAMED_RUN
     payload = memoryview(data)[_PREFIX.size + header_len : len(data) - _CRC.size]
     return _build_frame(header, payload)
 
@@ -155,6 +170,7 @@ def _build_frame(header: dict[str, Any], payload: memoryview) -> Frame:
         client_id=header["client_id"],
         num_examples=header["num_examples"],
         metrics={k: float(v) for k, v in header["metrics"].items()},
+        run=header["run"],
     )
 
 
@@ -181,17 +197,21 @@ def validate_frame(
     model_sha256: str,
     kind: str,
     current_round: int | None = None,
+    run: str | None = None,
 ) -> None:
     """Check that a decoded frame fits this federation; raise :class:`ProtocolError`.
 
     ``specs`` are the expected tensors (the manifest's trainable weights):
     names, order, shapes, dtypes, and every value finite. ``current_round``,
-    when given, is the only round accepted (anything else is stale or early).
+    when given, is the only round accepted (anything else is stale or early);
+    ``run``, when given, the only run.
     """
     if frame.kind != kind:
         raise ProtocolError("wrong_kind", f"expected a {kind!r} frame, got {frame.kind!r}")
     if frame.model_sha256 != model_sha256:
         raise ProtocolError("unknown_model", f"frame is for model {frame.model_sha256[:12]}, not {model_sha256[:12]}")
+    if run is not None and frame.run != run:
+        raise ProtocolError("stale_run", f"frame is for run {frame.run}, the current run is {run}")
     if current_round is not None and frame.round != current_round:
         raise ProtocolError("stale_round", f"frame is for round {frame.round}, the current round is {current_round}")
     if kind == "update" and frame.num_examples < 1:

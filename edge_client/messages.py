@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import secrets
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -16,6 +18,35 @@ from edge_client.errors import ProtocolError
 from edge_client.topics import check_name
 
 MAX_JSON_BYTES = 1 << 20
+# A run id: 16 lowercase hex digits (64 random bits), fixed length so frame sizes do not depend on it.
+_RUN_ID = re.compile(r"^[0-9a-f]{16}$")
+# The run of frames made outside any federation run (tests, benchmarks); no coordinator draws it.
+UNNAMED_RUN = "0" * 16
+
+
+def new_run_id() -> str:
+    """A fresh random run id (never :data:`UNNAMED_RUN`)."""
+    for _ in range(8):  # a zero draw has probability 2**-64; bounded all the same
+        run = secrets.token_hex(8)
+        if run != UNNAMED_RUN:
+            return run
+    raise RuntimeError("the system random generator returned zeros eight times")
+
+
+def is_run_id(value: object) -> bool:
+    return isinstance(value, str) and _RUN_ID.match(value) is not None
+
+
+def check_run_id(value: object, what: str, reason: str = "bad_json") -> str:
+    """``value`` if it is a run id, else :class:`ProtocolError` (``reason``) naming ``what``."""
+    if value is None:
+        raise ProtocolError(
+            reason, f"{what} has no run id: the peer speaks litefed protocol v1; upgrade it to protocol v2"
+        )
+    if not is_run_id(value):
+        shown = value[:40] if isinstance(value, str) else type(value).__name__
+        raise ProtocolError(reason, f"{what}: run id {shown!r} is not 16 lowercase hex digits")
+    return value
 
 
 def _load(data: bytes, what: str) -> dict[str, Any]:
@@ -56,6 +87,7 @@ class RoundAnnouncement:
     lr: float = 0.01
     mu: float = 0.0
     codec: str = "float32"
+    run: str = UNNAMED_RUN  # the coordinator's run id (docs/protocol.md, "Runs")
 
     def to_bytes(self) -> bytes:
         return _dump({**asdict(self), "selected": list(self.selected)})
@@ -77,6 +109,7 @@ class RoundAnnouncement:
             lr=float(_get(obj, "lr", (int, float), what)),
             mu=float(_get(obj, "mu", (int, float), what)),
             codec=_get(obj, "codec", str, what),
+            run=check_run_id(obj.get("run"), what),
         )
         if msg.round < 0 or msg.epochs < 1 or msg.lr <= 0 or msg.mu < 0:
             raise ProtocolError("bad_json", f"{what}: round >= 0, epochs >= 1, lr > 0 and mu >= 0 are required")
@@ -93,6 +126,7 @@ class Ack:
     round: int
     status: str
     reason: str = ""
+    run: str = UNNAMED_RUN  # the run of the update it answers (the coordinator's when undecodable)
 
     def to_bytes(self) -> bytes:
         return _dump(asdict(self))
@@ -100,7 +134,12 @@ class Ack:
     @classmethod
     def from_bytes(cls, data: bytes) -> Ack:
         obj, what = _load(data, "ack"), "ack"
-        msg = cls(_get(obj, "round", int, what), _get(obj, "status", str, what), _get(obj, "reason", str, what))
+        msg = cls(
+            _get(obj, "round", int, what),
+            _get(obj, "status", str, what),
+            _get(obj, "reason", str, what),
+            check_run_id(obj.get("run"), what),
+        )
         if msg.status not in ACK_STATUSES:
             raise ProtocolError("bad_json", f"ack status {msg.status!r} is not one of {ACK_STATUSES}")
         return msg

@@ -6,7 +6,7 @@ Layout of the state directory::
     model.json      its manifest, as carried by ModelMeta
     global.bin      the last global-weights frame, raw frame bytes (CRC-checked)
     pending.bin     the encoded update frame awaiting an ack, raw frame bytes
-    progress.json   rounds trained and acknowledged, and which pending.bin is current
+    progress.json   the run followed, rounds trained and acknowledged in it, and which pending.bin is current
     residuals.npz   error-feedback residuals of a lossy update codec (per tensor, float32)
 
 Every file is written atomically: a temporary file in the same directory,
@@ -38,6 +38,7 @@ import numpy as np
 from edge_client.errors import EdgeClientError, ProtocolError, StateError
 from edge_client.frames import Frame, decode_frame, validate_frame
 from edge_client.manifest import Manifest
+from edge_client.messages import is_run_id
 from edge_client.model_file import sha256_hex
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ PENDING_FILE = "pending.bin"
 PROGRESS_FILE = "progress.json"
 RESIDUALS_FILE = "residuals.npz"
 _RESIDUAL_PREFIX = "tensor:"
-PROGRESS_VERSION = 1
+PROGRESS_VERSION = 2  # 2 added "run"; a version-1 file reads as belonging to no run
+_PROGRESS_VERSIONS = (1, PROGRESS_VERSION)
 _TMP_PREFIX = ".tmp-"
 
 
@@ -105,17 +107,20 @@ class PendingUpdate:
 
 @dataclass(frozen=True)
 class Progress:
-    """How far this client got with the model ``model_sha256``.
+    """How far this client got with the model ``model_sha256`` in the run ``run``.
 
-    ``trained_round`` is the last round it trained (never trained again),
-    ``acked_round`` the last round the coordinator acknowledged, and
-    ``pending`` the update to resend while its round is open.
+    ``trained_round`` is the last round of that run it sent an update for
+    (never trained again), ``acked_round`` the last round the coordinator
+    acknowledged, and ``pending`` the update to resend while its round is
+    open. All three belong to ``run`` ("" before the board joins one): a new
+    run starts from an empty Progress.
     """
 
     model_sha256: str = ""
     trained_round: int | None = None
     acked_round: int | None = None
     pending: PendingUpdate | None = None
+    run: str = ""
 
     def to_json(self) -> dict[str, Any]:
         pending = None
@@ -125,6 +130,7 @@ class Progress:
         return {
             "version": PROGRESS_VERSION,
             "model_sha256": self.model_sha256,
+            "run": self.run,
             "trained_round": self.trained_round,
             "acked_round": self.acked_round,
             "pending": pending,
@@ -133,8 +139,11 @@ class Progress:
     @classmethod
     def from_json(cls, obj: Any) -> Progress:
         """Parse progress.json; ValueError for anything malformed."""
-        if not isinstance(obj, dict) or obj.get("version") != PROGRESS_VERSION:
+        if not isinstance(obj, dict) or obj.get("version") not in _PROGRESS_VERSIONS:
             raise ValueError(f"not a version-{PROGRESS_VERSION} progress object")
+        run = obj.get("run", "") if obj["version"] >= 2 else ""
+        if run != "" and not is_run_id(run):
+            raise ValueError(f"run must be a run id (16 lowercase hex digits) or empty, got {run!r}")
         pending = obj.get("pending")
         if pending is not None:
             if not isinstance(pending, dict):
@@ -150,6 +159,7 @@ class Progress:
             trained_round=_round(obj.get("trained_round"), "trained_round"),
             acked_round=_round(obj.get("acked_round"), "acked_round"),
             pending=pending,
+            run=run,
         )
 
 
@@ -296,7 +306,7 @@ class StateStore:
             self._remove(PENDING_FILE)
 
     def load_pending(self, progress: Progress, manifest: Manifest | None = None) -> bytes | None:
-        """The bytes of ``progress.pending`` if pending.bin is intact and is that update, else None."""
+        """The bytes of ``progress.pending`` if pending.bin is intact and is that update (of its run), else None."""
         pending = progress.pending
         if pending is None:
             return None
@@ -316,7 +326,7 @@ class StateStore:
         try:
             frame = decode_frame(data)
             if manifest is not None:
-                validate_frame(frame, manifest.weights, manifest.model_sha256, "update", pending.round)
+                validate_frame(frame, manifest.weights, manifest.model_sha256, "update", pending.round, progress.run)
         except ProtocolError as exc:
             log.warning("ignoring the pending update %s: %s", self.path(PENDING_FILE), exc)
             return None

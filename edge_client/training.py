@@ -88,12 +88,13 @@ def encode_update(
     training: LocalTraining,
     *,
     round: int,
+    run: str,
     model_sha256: str,
     client_id: str,
     codec: str,
     feedback: ErrorFeedback | None = None,
 ) -> bytes:
-    """The update frame for ``training``, encoded with ``codec``.
+    """The update frame for ``training`` in round ``round`` of run ``run``, encoded with ``codec``.
 
     With ``feedback`` and a lossy codec, the stored residual is added to the
     delta before encoding and the new residual (what the coordinator will
@@ -113,6 +114,7 @@ def encode_update(
         client_id=client_id,
         num_examples=training.num_examples,
         metrics=training.metrics,
+        run=run,
     )
     payload = encode_frame(frame)
     if feedback is not None and uses_error_feedback(codec):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import textwrap
@@ -13,6 +14,11 @@ import pytest
 from converter.cli import main
 from edge_client.manifest import load_manifest
 from edge_client.model_file import sha256_hex
+from tests.blockers import blocked_env
+
+TENSORFLOW_FAMILY = ("tensorflow", "keras", "tf_keras")
+# How each of litefed-convert's own lines starts; TensorFlow's, absl's and LiteRT's do not.
+OWN_LINES = ("loading ", "lowered ", "verified ", "wrote ", "done in ")
 
 TINY_MODEL = textwrap.dedent(
     """
@@ -34,12 +40,62 @@ def model_file(tmp_path):
     return path
 
 
-def test_help_explains_spec_forms_and_runs_without_tensorflow_import():
-    exe = shutil.which("litefed-convert")
-    assert exe, "litefed-convert is not installed; run scripts/setup.sh"
-    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60, check=True).stdout
+@pytest.fixture(scope="module")
+def exe() -> str:
+    found = shutil.which("litefed-convert")
+    assert found, "litefed-convert is not installed; run scripts/setup.sh"
+    return found
+
+
+def test_help_explains_spec_forms_and_never_imports_tensorflow(exe, tmp_path):
+    attempts = tmp_path / "attempts.txt"
+    env = blocked_env(tmp_path / "site", TENSORFLOW_FAMILY, attempts)
+    done = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
     for expected in ("SPEC", ".keras", "file.py:function", "--batch-size", "--loss", "--optimizer", "examples:"):
-        assert expected in out
+        assert expected in done.stdout
+    assert done.stderr == ""
+    assert not attempts.exists(), f"--help tried to import {attempts.read_text().split()}"
+
+
+def test_without_tensorflow_says_which_extra_to_install(exe, model_file, tmp_path):
+    env = blocked_env(tmp_path / "site", TENSORFLOW_FAMILY)
+    out = tmp_path / "x.tflite"
+    done = subprocess.run(
+        [exe, f"{model_file}:build", "-o", str(out), "--batch-size", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "litefed-convert: error: the converter needs TensorFlow: pip install 'litefed[converter]'"
+    ]
+    assert not out.exists()
+
+
+def test_a_conversion_prints_only_litefeds_own_lines(exe, model_file, tmp_path):
+    # Verification included: it runs LiteRT, which announces its XNNPACK delegate on stderr.
+    out = tmp_path / "tiny.tflite"
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as in a user's shell
+    done = subprocess.run(
+        [exe, f"{model_file}:build", "-o", str(out), "--batch-size", "4", "--loss", "mean_squared_error",
+         "--verify-steps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    lines = done.stdout.splitlines()
+    assert [line for line in lines if not line.startswith(OWN_LINES)] == []
+    assert lines[0].startswith("loading ") and lines[-1].startswith("done in "), lines
+    assert any(line.startswith("verified 1 train steps") for line in lines), lines
+    assert len(lines) == len(OWN_LINES), lines
+    assert load_manifest(out.with_suffix(".json")).batch_size == 4
 
 
 def test_converts_a_function_spec_with_flags(model_file, tmp_path, capsys):

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.aggregate import StreamingAverage, apply_delta, weighted_average
+from coordinator.aggregate import StreamingAverage, apply_delta, finish_or_keep, weighted_average
 from coordinator.errors import AggregationError
 from edge_client.weights import NamedArray
 
@@ -294,3 +294,36 @@ def test_apply_delta_zero_scale_and_errors():
         apply_delta(global_weights, [*delta[:-1], NamedArray(delta[-1].name, np.full(10, np.nan, np.float32))])
     with pytest.raises(AggregationError, match="scale must be a finite number"):
         apply_delta(global_weights, delta, float("inf"))
+
+
+def test_apply_delta_refuses_a_result_that_overflows_float32():
+    # Both inputs are finite float32, but their sum is beyond float32's range (max ~3.4e38).
+    big = np.finfo(np.float32).max
+    global_weights = [NamedArray("w", np.array([big, 1.0], np.float32)), NamedArray("b", np.zeros(2, np.float32))]
+    delta = [NamedArray("w", np.array([big, 0.0], np.float32)), NamedArray("b", np.ones(2, np.float32))]
+    before = [a.copy() for _, a in global_weights]
+    with pytest.raises(AggregationError, match="'w' of the new global model would be NaN or Inf"):
+        apply_delta(global_weights, delta)
+    with pytest.raises(AggregationError, match="NaN or Inf"):
+        apply_delta(global_weights, [NamedArray("w", np.ones(2, np.float32)), delta[1]], scale=1e300)
+    for (_, a), b in zip(global_weights, before, strict=True):
+        np.testing.assert_array_equal(a, b)  # the caller's global model is untouched
+    # The same values in float64 do not overflow: the check is on the result, not a magnitude cap.
+    wide = [NamedArray(n, a.astype(np.float64)) for n, a in global_weights]
+    assert np.isfinite(apply_delta(wide, delta)[0].array).all()
+
+
+def test_finish_or_keep_returns_the_current_model_with_the_reason_of_a_refusal():
+    current = [NamedArray("w", np.ones(3, np.float32))]
+
+    class Refusing:
+        def finish(self):
+            raise AggregationError("would overflow")
+
+    class Finishing:
+        def finish(self):
+            return [NamedArray("w", np.zeros(3, np.float32))]
+
+    assert finish_or_keep(Refusing(), current) == (current, "would overflow")
+    weights, reason = finish_or_keep(Finishing(), current)
+    assert reason is None and weights[0].array.tolist() == [0.0, 0.0, 0.0]

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 import shutil
 import signal
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from coordinator import cli, emulate
+from coordinator import cli, emulate, simulate
 from coordinator.plots import plot_rounds
 
 
@@ -40,10 +43,87 @@ def test_coordinator_reports_a_missing_model_and_exits_1(tmp_path, capsys):
     assert err.startswith("litefed-coordinator: error:") and "none.json" in err
 
 
-def test_emulate_refuses_a_bad_partition_spec(capsys):
+@pytest.mark.parametrize("build", [emulate.build_parser, simulate.build_parser])
+@pytest.mark.parametrize("spec", ["dirichlet:-1", "dirichlet", "random", "shards:x"])
+def test_a_bad_partition_spec_is_one_line_listing_the_valid_forms(build, spec, capsys):
     with pytest.raises(SystemExit) as info:
-        emulate.build_parser().parse_args(["--partition", "dirichlet:-1"])
-    assert info.value.code == 2 and "dirichlet" in capsys.readouterr().err
+        build().parse_args(["--partition", spec])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert info.value.code == 2 and last.startswith(f"{build().prog}: error: argument --partition: ")
+    for form in ("'iid'", "'shards:K'", "'dirichlet:ALPHA'"):
+        assert form in last
+
+
+PARSERS = {"litefed-coordinator": cli.build_parser, "litefed-emulate": emulate.build_parser,
+           "litefed-simulate": simulate.build_parser}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", sorted(PARSERS))
+def test_help_states_the_default_of_every_option(command):
+    parser = PARSERS[command]()
+    for action in parser._actions:
+        if not action.option_strings or action.required or action.nargs == 0:  # positionals, --model, flags
+            continue
+        assert "default" in (action.help or ""), f"{command} {action.option_strings[0]}: help states no default"
+    text = parser.format_help()
+    for option in ("--min-available", "--min-fit", "--out", "--partition", "--codec", "--server-lr"):
+        if option in text:
+            assert "default" in parser._option_string_actions[option].help, option
+
+
+def test_help_shows_the_strategy_classes_defaults():
+    from coordinator.strategies import STRATEGIES
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["--model", "m.tflite"])
+    signature = {name: inspect.signature(cls).parameters for name, cls in STRATEGIES.items()}
+    assert args.server_momentum == signature["fedavgm"]["server_momentum"].default
+    assert args.trim_beta == signature["trimmed-mean"]["beta"].default
+    assert args.byzantine == signature["krum"]["num_byzantine"].default
+    server_lr_help = " ".join(parser._option_string_actions["--server-lr"].help.split())
+    for name, cls in STRATEGIES.items():
+        group = next(part for part in server_lr_help.split(";") if re.search(rf"\b{re.escape(name)}\b", part))
+        assert f"{cls.DEFAULT_SERVER_LR:g} for" in group, (name, server_lr_help)
+    assert f"{signature['fedprox']['mu'].default} with --strategy fedprox" in parser._option_string_actions["--mu"].help
+
+
+def test_help_imports_nothing_heavy():
+    code = (
+        "import sys\n"
+        "from coordinator import cli, emulate, simulate\n"
+        "for build in (cli.build_parser, emulate.build_parser, simulate.build_parser):\n"
+        "    build().format_help()\n"
+        "heavy = ('tensorflow', 'keras', 'ai_edge_litert', 'matplotlib', 'tqdm', 'paho', 'coordinator.server')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--strategy", "trimmed-mean"], "min_fit=2 .*non-robust mean.*--min-fit >= 5"),
+        (["--strategy", "trimmed-mean", "--min-fit", "4", "--min-available", "4"], "--trim-beta >= 0.25"),
+        (["--strategy", "krum"], "2f \\+ 3 = 5"),
+        (["--strategy", "trimmed-mean", "--trim-beta", "0.6"], "beta must be a number in \\[0, 0.5\\)"),
+    ],
+)
+def test_strategy_that_cannot_work_is_a_usage_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--model", "missing.tflite", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and re.search(message, err[-1]), err
+
+
+def test_local_runs_check_the_trimmed_mean_against_the_clients():
+    parser = simulate.build_parser()
+    few = parser.parse_args(["--clients", "4", "--strategy", "trimmed-mean"])
+    with pytest.raises(SystemExit):
+        cli.check_round_arguments(parser, few)
+    enough = parser.parse_args(["--clients", "5", "--strategy", "trimmed-mean"])
+    cli.check_round_arguments(parser, enough)  # 5 updates a round trim one from each end
+    assert (enough.min_fit, enough.min_available) == (5, 5)
 
 
 @pytest.mark.parametrize("codec", ["float32", "int8", "int8-channel", "topk:0.01", "topk16:0.1"])
@@ -94,12 +174,16 @@ def test_accuracy_against_uploaded_bytes(tmp_path):
     [
         ([], "FedAvg", {"server_lr": 1.0}),
         (["--strategy", "fedavgm", "--server-momentum", "0.5"], "FedAvgM", {"server_momentum": 0.5}),
-        (["--strategy", "fedadam"], "FedAdam", {"server_lr": 0.1}),
+        (["--strategy", "fedadam"], "FedAdam", {"server_lr": 0.03, "tau": 1e-3}),
         (["--strategy", "fedyogi", "--server-lr", "0.01"], "FedYogi", {"server_lr": 0.01}),
-        (["--strategy", "fedadagrad"], "FedAdagrad", {}),
-        (["--strategy", "fedprox"], "FedProx", {}),
+        (["--strategy", "fedadagrad"], "FedAdagrad", {"server_lr": 0.1}),
+        (["--strategy", "fedprox"], "FedProx", {"mu": 0.01, "server_lr": 1.0}),
         (["--strategy", "median"], "FedMedian", {}),
-        (["--strategy", "trimmed-mean", "--trim-beta", "0.1"], "FedTrimmedAvg", {"beta": 0.1}),
+        (
+            ["--strategy", "trimmed-mean", "--trim-beta", "0.25", "--min-fit", "4", "--min-available", "4"],
+            "FedTrimmedAvg",
+            {"beta": 0.25},
+        ),
         (["--strategy", "krum", "--byzantine", "1", "--min-fit", "5", "--min-available", "5"], "Krum", {}),
     ],
 )
@@ -157,6 +241,15 @@ def test_dp_options_wrap_the_named_strategy(tabular):
     assert (strategy.clip_norm, strategy.noise_multiplier, strategy.delta) == (0.5, 1.2, 1e-6)
     plain = build_strategy(cli.build_parser().parse_args(["--model", "m"]), tabular.model_path)
     assert not isinstance(plain, DifferentialPrivacy)
+
+
+def test_no_held_out_set_is_said_not_silent(tabular, caplog):
+    from coordinator.runner import build_strategy
+
+    with caplog.at_level("WARNING", logger="coordinator.runner"):
+        strategy = build_strategy(cli.build_parser().parse_args(["--model", "m"]), tabular.model_path)
+    assert strategy.evaluate(1, []) is None
+    assert "no held-out set" in caplog.text and "--test-data" in caplog.text
 
 
 @pytest.mark.parametrize(

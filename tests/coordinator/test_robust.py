@@ -10,7 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coordinator.errors import AggregationError, CoordinatorError
-from coordinator.robust import FedMedian, FedTrimmedAvg, Krum, coordinate_median, krum, trimmed_mean
+from coordinator.robust import (
+    FedMedian,
+    FedTrimmedAvg,
+    Krum,
+    coordinate_median,
+    krum,
+    min_trimmed_updates,
+    trimmed_mean,
+)
 from coordinator.strategy import ClientUpdate, FedAvg
 from edge_client.weights import NamedArray
 
@@ -80,6 +88,10 @@ def loop_trimmed_mean(results, beta: float) -> list[np.ndarray]:
 @given(seed=st.integers(0, 2**32 - 1), num_clients=st.integers(1, 10), beta=st.floats(0.0, 0.49))
 def test_trimmed_mean_matches_loop_reference(seed, num_clients, beta):
     results = random_results(seed, num_clients)
+    if beta > 0 and int(beta * num_clients) == 0:  # would trim nothing: refused, never a silent plain mean
+        with pytest.raises(AggregationError, match="trims nothing"):
+            trimmed_mean(results, beta)
+        return
     assert_matches(trimmed_mean(results, beta), loop_trimmed_mean(results, beta))
 
 
@@ -87,9 +99,23 @@ def test_trimmed_mean_by_hand_and_beta_zero_is_plain_mean():
     make = lambda *xs: [([NamedArray("w", np.array([x], np.float32))], 7) for x in xs]  # noqa: E731
     assert trimmed_mean(make(1.0, 2.0, 3.0, 1000.0, -1000.0), 0.2)[0].array.tolist() == [2.0]
     assert trimmed_mean(make(1.0, 2.0, 3.0, 6.0), 0.0)[0].array.tolist() == [3.0]
-    # 0.2 * 4 = 0.8 rounds down: nothing is trimmed.
-    assert trimmed_mean(make(1.0, 2.0, 3.0, 6.0), 0.2)[0].array.tolist() == [3.0]
     assert trimmed_mean(make(1.0, 2.0, 3.0, 6.0), 0.25)[0].array.tolist() == [2.5]
+
+
+def test_trimmed_mean_that_would_trim_nothing_is_refused():
+    make = lambda *xs: [([NamedArray("w", np.array([x], np.float32))], 7) for x in xs]  # noqa: E731
+    # 0.2 * 4 = 0.8 rounds down: a "trimmed" mean of these would be the plain mean 251.5, moved by the outlier.
+    with pytest.raises(AggregationError, match="beta=0.2 of 4 updates trims nothing.*at least 5 updates"):
+        trimmed_mean(make(1.0, 2.0, 3.0, 1000.0), 0.2)
+    assert trimmed_mean(make(1.0, 2.0, 3.0, 1000.0, 4.0), 0.2)[0].array.tolist() == [3.0]
+
+
+@pytest.mark.parametrize(
+    ("beta", "needed"), [(0.2, 5), (0.1, 10), (0.25, 4), (0.3, 4), (0.45, 3), (0.49, 3), (0.01, 100)]
+)
+def test_min_trimmed_updates_is_the_first_count_that_trims(beta, needed):
+    assert min_trimmed_updates(beta) == needed
+    assert int(beta * needed) >= 1 and int(beta * (needed - 1)) == 0
 
 
 @pytest.mark.parametrize("beta", [0.5, 0.7, -0.1, float("nan"), True, "0.1"])
@@ -279,6 +305,24 @@ def test_krum_strategy_requires_enough_clients():
     # Fewer updates than Krum needs (e.g. stragglers dropped): a clear error at finish().
     with pytest.raises(AggregationError, match="needs more than 2f \\+ 2"):
         aggregate(Krum(num_byzantine=1), random_weights(np.random.default_rng(0)), random_results(0, 4))
+
+
+def test_trimmed_mean_strategy_refuses_a_min_fit_it_cannot_trim():
+    strategy = FedTrimmedAvg(beta=0.2)
+    assert (strategy.min_fit, strategy.min_available) == (5, 5)
+    assert FedTrimmedAvg(beta=0.1, min_fit=12).min_available == 12
+    assert FedTrimmedAvg(beta=0.0, min_fit=1).min_fit == 1  # beta = 0: an explicit plain mean
+    with pytest.raises(CoordinatorError, match="min_fit=4 .* non-robust mean.*--min-fit >= 5.*--trim-beta >= 0.25"):
+        FedTrimmedAvg(beta=0.2, min_fit=4, min_available=10)
+    with pytest.raises(CoordinatorError, match="--min-fit >= 5"):
+        FedTrimmedAvg(beta=0.2, min_fit=2, min_available=2)
+
+
+def test_trimmed_mean_round_with_fewer_updates_than_planned_is_refused():
+    # min_fit 5, but only 4 updates reached the aggregation (e.g. one rejected): no silent plain mean.
+    global_weights = random_weights(np.random.default_rng(0))
+    with pytest.raises(AggregationError, match="trims nothing"):
+        aggregate(FedTrimmedAvg(beta=0.2), global_weights, random_results(0, 4))
 
 
 @pytest.mark.parametrize(

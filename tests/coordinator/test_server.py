@@ -6,6 +6,8 @@ checked exactly against a NumPy FedAvg reference.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ from coordinator.server import Coordinator, CoordinatorConfig
 from coordinator.strategy import FedAvg, RoundConfig
 from edge_client.chunks import Reassembler, split
 from edge_client.frames import Frame, decode_frame, encode_frame
-from edge_client.messages import Ack, ModelMeta, Presence, RoundAnnouncement
+from edge_client.messages import UNNAMED_RUN, Ack, ModelMeta, Presence, RoundAnnouncement, is_run_id
 from edge_client.model_file import sha256_hex
 from edge_client.topics import Topics
 from edge_client.transport import InMemoryBroker, InMemoryTransport, Message
@@ -50,7 +52,8 @@ class FakeClient:
         end = time.monotonic() + seconds
         while (message := self.transport.receive(timeout=max(0.0, end - time.monotonic()))) is not None:
             if message.topic == TOPICS.round:
-                self.rounds.append(RoundAnnouncement.from_bytes(message.payload))
+                if message.payload:  # empty: the coordinator cleared the retained announcement
+                    self.rounds.append(RoundAnnouncement.from_bytes(message.payload))
             elif message.topic == TOPICS.ack(self.id):
                 self.acks.append(Ack.from_bytes(message.payload))
             elif message.payload and (payload := self._reassembler.add(message.payload, "global")) is not None:
@@ -64,6 +67,9 @@ class FakeClient:
             self.pump()
 
     def send(self, frame: Frame | bytes) -> None:
+        """Send an update; a Frame without a run gets the run of the last announcement, as a board's does."""
+        if isinstance(frame, Frame) and frame.run == UNNAMED_RUN:
+            frame = dataclasses.replace(frame, run=self.rounds[-1].run)
         payload = frame if isinstance(frame, bytes) else encode_frame(frame)
         for chunk in split(payload, SMALL_CHUNK):
             self.transport.publish(TOPICS.update(self.id), chunk)
@@ -165,13 +171,15 @@ def test_a_round_is_weighted_fedavg_of_the_deltas(tabular, model_path, tmp_path)
     for client in clients:
         client.wait_for(lambda c=client: c.rounds and c.globals.get(1))
         assert client.rounds[-1].selected == ("pi-0", "pi-1", "pi-2")
+        # Global frame and announcement name the run; the update must echo it (FakeClient.send).
+        assert client.rounds[-1].run == client.globals[1].run == running.coordinator.run_id
         assert (client.rounds[-1].epochs, client.rounds[-1].lr) == (2, 0.05)
     for client, delta, n in zip(clients, deltas, counts, strict=True):
         client.send(_update(tabular, client.id, 1, delta, n))
     assert running.join() is None
     for client in clients:
         client.wait_for(lambda c=client: c.acks)
-        assert client.acks == [Ack(1, "accepted")]
+        assert client.acks == [Ack(1, "accepted", run=running.coordinator.run_id)]
     expected = [
         i.array + sum(n * d[k].array.astype(np.float64) for d, n in zip(deltas, counts, strict=True)) / sum(counts)
         for k, i in enumerate(initial)
@@ -193,15 +201,17 @@ def test_a_round_is_weighted_fedavg_of_the_deltas(tabular, model_path, tmp_path)
     clients[0].wait_for(lambda: 2 in clients[0].globals)
 
 
-BAD_UPDATES = {
-    "unknown_model": lambda t, d: encode_frame(_update(t, "pi-0", 1, d, 5, model_sha256="0" * 64)),
-    "stale_round": lambda t, d: encode_frame(_update(t, "pi-0", 0, d, 5)),
-    "bad_tensors": lambda t, d: encode_frame(
-        _update(t, "pi-0", 1, [d[0]._replace(array=d[0].array * np.nan), *d[1:]], 5)
+OTHER_RUN = "0123456789abcdef"
+BAD_UPDATES = {  # (tabular, delta, the coordinator's run) -> update bytes
+    "unknown_model": lambda t, d, r: encode_frame(_update(t, "pi-0", 1, d, 5, model_sha256="0" * 64, run=r)),
+    "stale_round": lambda t, d, r: encode_frame(_update(t, "pi-0", 0, d, 5, run=r)),
+    "stale_run": lambda t, d, r: encode_frame(_update(t, "pi-0", 1, d, 5, run=OTHER_RUN)),
+    "bad_tensors": lambda t, d, r: encode_frame(
+        _update(t, "pi-0", 1, [d[0]._replace(array=d[0].array * np.nan), *d[1:]], 5, run=r)
     ),
-    "client_mismatch": lambda t, d: encode_frame(_update(t, "pi-9", 1, d, 5)),
-    "bad_magic": lambda t, d: b"garbage" * 20,
-    "bad_checksum": lambda t, d: encode_frame(_update(t, "pi-0", 1, d, 5))[:-1] + b"\x00",
+    "client_mismatch": lambda t, d, r: encode_frame(_update(t, "pi-9", 1, d, 5, run=r)),
+    "bad_magic": lambda t, d, r: b"garbage" * 20,
+    "bad_checksum": lambda t, d, r: encode_frame(_update(t, "pi-0", 1, d, 5, run=r))[:-1] + b"\x00",
 }
 
 
@@ -214,17 +224,19 @@ def test_bad_updates_are_rejected_with_reasons_and_do_not_touch_the_model(tabula
     good.wait_for(lambda: good.rounds)
     delta = _delta(tabular, 7)
     for make in BAD_UPDATES.values():
-        bad.send(make(tabular, delta))
+        bad.send(make(tabular, delta, running.coordinator.run_id))
     bad.wait_for(lambda: len(bad.acks) >= len(BAD_UPDATES))
     good.send(_update(tabular, "pi-1", 1, delta, 5))
     error = running.join()
     # Only one of the two selected clients sent a valid update: min_fit=2 is not reached.
     assert isinstance(error, CoordinatorError) and "min_fit=2" in str(error)
     reasons = {a.reason for a in bad.acks}
-    assert {"unknown_model", "stale_round", "bad_tensors", "client_mismatch", "bad_magic", "bad_checksum"} <= reasons
+    assert set(BAD_UPDATES) <= reasons
     assert all(a.status == "rejected" for a in bad.acks)
-    # An ack names the round of the update it answers (here the stale round 0).
+    # An ack names the round and run of the update it answers (here the stale round 0, the other run).
     assert [a.round for a in bad.acks if a.reason == "stale_round"] == [0]
+    assert [a.run for a in bad.acks if a.reason == "stale_run"] == [OTHER_RUN]
+    assert {a.run for a in bad.acks if a.reason == "bad_magic"} == {running.coordinator.run_id}
     for now, before in zip(running.coordinator.global_weights, initial, strict=True):
         np.testing.assert_array_equal(now.array, before.array)
 
@@ -280,7 +292,8 @@ def test_clients_without_usable_data_are_not_selected(tabular, model_path, tmp_p
     assert running.coordinator.history[0].clients_selected == 1
 
 
-def test_too_few_updates_retries_with_more_clients(tabular, model_path, tmp_path):
+def test_too_few_updates_retry_the_round_and_say_whom_it_asks(tabular, model_path, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="coordinator.server")
     broker = InMemoryBroker()
     first, lost = FakeClient(broker, "pi-0"), FakeClient(broker, "pi-1")
     strategy = FedAvg(min_fit=2, min_available=2)
@@ -297,7 +310,17 @@ def test_too_few_updates_retries_with_more_clients(tabular, model_path, tmp_path
     assert metrics.attempts == 2 and metrics.clients_answered == 2
     # The retry asks only clients without an accepted update; the round still counts all three.
     assert set(fresh.rounds[-1].selected) == {"pi-1", "pi-2"} and metrics.clients_selected == 3
-    assert first.acks == [Ack(1, "accepted")]  # its update was kept, not asked for again
+    # Its update was kept, not asked for again.
+    assert first.acks == [Ack(1, "accepted", run=running.coordinator.run_id)]
+    # The log says what the retry does: how many it asks and why (not "more clients").
+    assert (
+        "1 accepted update(s) by the deadline, min_fit is 2; announcing the round again (attempt 2 of 3)" in caplog.text
+    )
+    assert (
+        "round 1 (attempt 2): asking 2 client(s) for an update: 1 selected earlier without an update yet, "
+        "1 newly sampled from the 1 eligible online clients without an accepted update (1 accepted so far)"
+    ) in caplog.text
+    assert "more clients" not in caplog.text
 
 
 def test_the_round_message_carries_the_decayed_lr(tabular, model_path, tmp_path):
@@ -389,3 +412,121 @@ def test_a_private_round_clips_each_update_and_reports_epsilon(tabular, model_pa
     assert update_norm(moved) <= 0.1 * (1 + 1e-5)  # the mean of three clipped updates
     (line,) = read_jsonl(tmp_path / "metrics.jsonl")
     assert line["dp_epsilon"] is None  # clipping without noise: infinite epsilon, written as null
+
+
+# -- runs ------------------------------------------------------------------------------------
+
+
+def test_a_resumed_run_keeps_its_run_id_and_a_new_run_draws_a_new_one(tabular, model_path, tmp_path):
+    broker = InMemoryBroker()
+    client = FakeClient(broker, "pi-0")
+    strategy = FedAvg(min_fit=1, min_available=1)
+    running = Running(_coordinator(broker, model_path, tmp_path, strategy, rounds=2))
+    run = running.coordinator.run_id
+    assert is_run_id(run)
+    client.wait_for(lambda: client.rounds)
+    client.send(_update(tabular, "pi-0", 1, _delta(tabular, 6), 10))
+    client.wait_for(lambda: client.rounds[-1].round == 2)
+    running.stop.set()  # "crashes" during round 2
+    assert running.join() is None
+    running.coordinator.close()
+    assert load_checkpoint(tmp_path / "ckpt", sha256_hex(tabular.tflite)).run_id == run
+
+    client.rounds.clear()  # from now on, only what the resumed run publishes
+    client.globals.clear()
+    resumed = Running(_coordinator(broker, model_path, tmp_path, strategy, rounds=2))
+    assert resumed.coordinator.run_id == run and resumed.coordinator.completed_round == 1
+    client.wait_for(lambda: client.rounds and client.globals.get(2))
+    assert client.rounds[-1].round == 2
+    assert client.rounds[-1].run == client.globals[2].run == run  # boards see the same run go on
+    client.send(_update(tabular, "pi-0", 2, _delta(tabular, 7), 10))
+    assert resumed.join() is None
+    client.wait_for(lambda: client.acks[-1].round == 2)
+    assert client.acks[-1] == Ack(2, "accepted", run=run)
+
+    other = _coordinator(broker, model_path, tmp_path / "elsewhere", strategy)  # a new --out: a new run
+    other.start()
+    other.close()
+    assert other.run_id != run and other.completed_round == 0
+
+
+def test_a_restart_before_round_1_completes_keeps_the_run_id(tabular, model_path, tmp_path):
+    first = _coordinator(InMemoryBroker(), model_path, tmp_path)
+    first.start()  # checkpointed at once, before any round completes
+    first.close()
+    again = _coordinator(InMemoryBroker(), model_path, tmp_path)
+    again.start()
+    assert again.run_id == first.run_id and again.completed_round == 0
+
+
+def test_start_clears_the_retained_announcement_of_an_earlier_run(tabular, model_path, tmp_path):
+    """Until the new run announces its round, a board must not find an old run's round on the broker."""
+    broker = InMemoryBroker()
+    old = RoundAnnouncement(7, ("pi-0",), time.time() + 600, sha256_hex(tabular.tflite), run=OTHER_RUN)
+    seed = InMemoryTransport(broker, "old-coordinator")
+    seed.connect()
+    seed.publish(TOPICS.round, old.to_bytes(), retain=True)
+    coordinator = _coordinator(broker, model_path, tmp_path)
+    coordinator.start()
+    coordinator._publish_global(1)
+    assert TOPICS.round not in broker.retained
+    board = FakeClient(broker, "pi-0")
+    board.pump(0.2)
+    assert board.rounds == [] and board.globals[1].run == coordinator.run_id
+
+
+def test_a_checkpoint_of_protocol_v1_resumes_under_a_new_run_id(tabular, model_path, tmp_path):
+    import json
+    import struct
+    import zlib
+
+    from coordinator.checkpoint import Checkpoint, save_checkpoint
+
+    weights = [NamedArray(w.name, w.array + 0.5) for w in tabular.runtime().get_weights()]
+    save_checkpoint(tmp_path / "ckpt", Checkpoint(3, sha256_hex(tabular.tflite), weights))
+    # Rewrite it as v1 wrote it: no "run" in the index, a version-1 frame without "run".
+    index_path = tmp_path / "ckpt" / "checkpoint.json"
+    index = json.loads(index_path.read_text())
+    del index["run"]
+    index_path.write_text(json.dumps(index))
+    frame_path = tmp_path / "ckpt" / index["weights"]
+    data = frame_path.read_bytes()
+    (header_len,) = struct.unpack_from("<I", data, 5)
+    header = json.loads(data[9 : 9 + header_len])
+    del header["run"]
+    raw = json.dumps(header).encode()
+    body = b"LFWT" + struct.pack("<BI", 1, len(raw)) + raw + data[9 + header_len : -4]
+    frame_path.write_bytes(body + struct.pack("<I", zlib.crc32(body)))
+
+    resumed = _coordinator(InMemoryBroker(), model_path, tmp_path, rounds=5)
+    resumed.start()
+    resumed.close()
+    assert resumed.completed_round == 3 and is_run_id(resumed.run_id) and resumed.run_id != UNNAMED_RUN
+    assert load_checkpoint(tmp_path / "ckpt", sha256_hex(tabular.tflite)).run_id == resumed.run_id  # kept from now on
+    for a, b in zip(resumed.global_weights, weights, strict=True):
+        np.testing.assert_array_equal(a.array, b.array)
+
+
+def test_an_overflowing_aggregate_keeps_the_global_model_and_the_run_goes_on(tabular, model_path, tmp_path, caplog):
+    """Finite updates whose mean overflows float32 end the round with the model unchanged, not the run."""
+    broker = InMemoryBroker()
+    clients = [FakeClient(broker, f"pi-{i}") for i in range(3)]
+    strategy = FedAvg(min_fit=3, min_available=3, server_lr=2.0)  # 2 * 3e38 is past float32's 3.4e38
+    running = Running(_coordinator(broker, model_path, tmp_path, strategy, rounds=2))
+    initial = running.coordinator.global_weights
+    huge = [NamedArray(s.name, np.full(s.shape, 3e38, np.float32)) for s in _specs(tabular)]
+    for client in clients:
+        client.wait_for(lambda c=client: c.rounds and c.globals.get(1))
+        client.send(_update(tabular, client.id, 1, huge, 10))
+    for client in clients:
+        client.wait_for(lambda c=client: c.globals.get(2))
+        client.send(_update(tabular, client.id, 2, _delta(tabular, 1), 10))
+    assert running.join() is None
+    first, second = read_jsonl(tmp_path / "metrics.jsonl")
+    assert "NaN or Inf" in first["aggregation_error"]
+    assert second["aggregation_error"] is None and second["round"] == 2
+    assert "aggregate refused" in caplog.text
+    after_round_1 = clients[0].globals[2].tensors
+    for got, start in zip(after_round_1, initial, strict=True):
+        np.testing.assert_array_equal(got.array, start.array)
+    assert all(np.isfinite(w.array).all() for w in running.coordinator.global_weights)

@@ -150,6 +150,10 @@ def test_a_resumed_simulation_ends_exactly_where_an_uninterrupted_one_does(tabul
     first.run()
     resumed = _simulation(tabular, tmp_path / "parts", 3)
     assert resumed.completed_round == 2
+    # The same run goes on, as a resumed MQTT coordinator's; another --out is another run.
+    assert resumed.process.run_id == first.process.run_id != whole.process.run_id
+    jobs = resumed.process.client_jobs(resumed.state, resumed.datasets, RoundConfig())
+    assert decode_frame(jobs[0].global_frame).run == first.process.run_id
     resumed.run()
     assert same_weights(whole.state.weights, resumed.state.weights)
     a = read_jsonl(tmp_path / "whole" / "run" / "metrics.jsonl")

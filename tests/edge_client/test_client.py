@@ -32,6 +32,7 @@ MODEL_CHUNK = 4096  # several chunks even for the small tabular model
 UPDATE_CHUNK = 1024
 ACK_TIMEOUT = 10.0
 NUM_EXAMPLES = 48
+RUN = "1111111111111111"  # the fake coordinator's run
 
 
 class FakeClock:
@@ -50,6 +51,7 @@ class FakeCoordinator:
         self.model = tabular.tflite
         self.manifest = tabular.manifest
         self.sha = sha256_hex(self.model)
+        self.run = RUN
         self.transport = InMemoryTransport(broker, "coordinator")
         self.transport.connect()
         self.transport.subscribe(self.topics.updates)
@@ -75,19 +77,20 @@ class FakeCoordinator:
         self.publish_meta()
         self.publish_model_chunks()
 
-    def publish_global(self, weights: list[NamedArray], round: int) -> bytes:
-        frame = encode_frame(Frame("global", round, self.sha, weights))
+    def publish_global(self, weights: list[NamedArray], round: int, run: str | None = None) -> bytes:
+        frame = encode_frame(Frame("global", round, self.sha, weights, run=run or self.run))
         for i, chunk in enumerate(split(frame, MODEL_CHUNK)):
             self.publish(self.topics.global_chunk(i), chunk, retain=True)
         return frame
 
     def announce(self, round: int, selected=(CLIENT,), deadline: float = T0 + 100, **kw) -> RoundAnnouncement:
+        kw.setdefault("run", self.run)
         ann = RoundAnnouncement(round, tuple(selected), deadline, kw.pop("model_sha256", self.sha), **kw)
         self.publish(self.topics.round, ann.to_bytes(), retain=True)
         return ann
 
-    def ack(self, round: int, status: str, reason: str = "", client: str = CLIENT) -> None:
-        self.publish(self.topics.ack(client), Ack(round, status, reason).to_bytes())
+    def ack(self, round: int, status: str, reason: str = "", client: str = CLIENT, run: str | None = None) -> None:
+        self.publish(self.topics.ack(client), Ack(round, status, reason, run or self.run).to_bytes())
 
     def drain(self) -> None:
         while (message := self.transport.receive(0)) is not None:
@@ -181,9 +184,16 @@ def h(tmp_path, tabular):
     harness.close()
 
 
-def decode_update(h: Harness, payload: bytes, round: int) -> Frame:
+def decode_update(h: Harness, payload: bytes, round: int, run: str | None = None) -> Frame:
     frame = decode_frame(payload)
-    validate_frame(frame, h.tabular.manifest.weights, h.coordinator.sha, "update", current_round=round)
+    validate_frame(
+        frame,
+        h.tabular.manifest.weights,
+        h.coordinator.sha,
+        "update",
+        current_round=round,
+        run=run or h.coordinator.run,
+    )
     return frame
 
 
@@ -318,7 +328,8 @@ def test_training_past_the_deadline_is_not_sent(h, caplog):
         h.pump(client)
     assert h.coordinator.update_messages == []
     assert "too slow for round 5" in caplog.text
-    assert client.progress.trained_round == 5 and client.rounds_completed == 1
+    # No update was sent, so the round is not "trained": a retry of round 5 may still get one.
+    assert client.progress.trained_round is None and client.rounds_completed == 1
 
 
 # -- acks and resends --------------------------------------------------------------
@@ -453,14 +464,28 @@ def test_malformed_messages_are_counted_and_ignored(h):
         (topics.model_chunk(0), b"XXXX" + bytes(60), "bad_magic"),
         (topics.model_chunk(0), _chunk_of(b"model")[:-1] + b"?", "bad_checksum"),
         (topics.global_chunk(0), _chunk_of(b"not a frame at all"), "bad_magic"),
-        (topics.global_chunk(0), global_chunk(Frame("update", 3, sha, weights)), "wrong_kind"),
-        (topics.global_chunk(0), global_chunk(Frame("global", 3, sha, weights[:1])), "bad_tensors"),
-        (topics.global_chunk(0), global_chunk(Frame("global", 3, sha, shifted(weights, np.nan))), "bad_tensors"),
-        (topics.global_chunk(0), global_chunk(Frame("global", 3, "ef" * 32, weights[:1])), None),  # another model's
+        (topics.global_chunk(0), global_chunk(Frame("update", 3, sha, weights, run=RUN)), "wrong_kind"),
+        (topics.global_chunk(0), global_chunk(Frame("global", 3, sha, weights[:1], run=RUN)), "bad_tensors"),
+        (
+            topics.global_chunk(0),
+            global_chunk(Frame("global", 3, sha, shifted(weights, np.nan), run=RUN)),
+            "bad_tensors",
+        ),
+        (
+            topics.global_chunk(0),
+            global_chunk(Frame("global", 3, "ef" * 32, weights[:1], run=RUN)),
+            None,
+        ),  # another model's
         (topics.round, b"[]", "bad_json"),
-        (topics.round, RoundAnnouncement(3, (CLIENT,), T0 + 100, sha, codec="zstd").to_bytes(), "unknown_codec"),
-        (topics.round, RoundAnnouncement(3, (CLIENT,), T0 + 100, "not-a-hash").to_bytes(), "bad_json"),
-        (topics.ack(CLIENT), b'{"round": 3, "status": "maybe", "reason": ""}', "bad_json"),
+        (
+            topics.round,
+            RoundAnnouncement(3, (CLIENT,), T0 + 100, sha, codec="zstd", run=RUN).to_bytes(),
+            "unknown_codec",
+        ),
+        (topics.round, RoundAnnouncement(3, (CLIENT,), T0 + 100, "not-a-hash", run=RUN).to_bytes(), "bad_json"),
+        (topics.round, RoundAnnouncement(3, (CLIENT,), T0 + 100, sha, run="../../x").to_bytes(), "bad_json"),
+        (topics.ack(CLIENT), b'{"round": 3, "status": "maybe", "reason": "", "run": "1111111111111111"}', "bad_json"),
+        (topics.ack(CLIENT), b'{"round": 3, "status": "accepted", "reason": ""}', "bad_json"),  # protocol v1
         (topics.ack(CLIENT), b"\xff\xfe", "bad_json"),
     ]
     coordinator.publish_model()
@@ -722,3 +747,126 @@ def test_float32_updates_need_no_residuals(h):
     h.bootstrap(round=1)
     h.pump(client, until=lambda: h.coordinator.updates)
     assert not (h.tmp_path / "state" / "residuals.npz").exists()
+
+
+# -- runs ------------------------------------------------------------------------------
+NEW_RUN = "2222222222222222"
+
+
+def _ignored_lines(caplog, reason: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().endswith(f"({reason})")]
+
+
+def test_a_new_run_is_joined_cleanly_and_durably(h, caplog):
+    """The reported bug: a second run with the same model got no update for rounds 'already trained'."""
+    client = h.client()
+    h.bootstrap(round=3, codec="topk:0.1")
+    h.pump(client, until=lambda: h.coordinator.updates)
+    h.coordinator.ack(3, "accepted")
+    h.pump(client, until=lambda: client.progress.acked_round == 3)
+    assert (h.tmp_path / "state" / "residuals.npz").is_file()
+
+    h.coordinator.run = NEW_RUN  # a second coordinator run: numbering starts again at round 1
+    with caplog.at_level(logging.INFO, logger="edge_client.client"):
+        h.coordinator.publish_global(shifted(initial_weights(h.tabular), 0.01), 1)
+        h.pump(client, until=lambda: client.progress.run == NEW_RUN)
+        # Joining dropped the old run's trained rounds and its residuals, on disk too.
+        assert client.progress.trained_round is None and client.progress.acked_round is None
+        assert not (h.tmp_path / "state" / "residuals.npz").exists()
+        assert all(not np.any(client._feedback.residual(n)) for n, _ in initial_weights(h.tabular))
+        h.coordinator.announce(1)
+        h.pump(client, until=lambda: len(h.coordinator.updates) == 2)
+    assert f"joining run {NEW_RUN}" in caplog.text and f"leaving run {RUN}" in caplog.text
+    frame = decode_update(h, h.coordinator.updates[1], round=1, run=NEW_RUN)
+    assert frame.round == 1 and client.progress.trained_round == 1
+    h.coordinator.ack(1, "accepted")
+    h.pump(client, until=lambda: client.progress.acked_round == 1)
+    assert client.rounds_completed == 2  # round 1 of the new run is not round 1 of any other
+    client.transport.drop()
+    again = h.client()  # the run it follows survives a reboot
+    assert again.progress.run == NEW_RUN and again.progress.trained_round == 1
+
+
+def test_a_new_run_drops_the_old_runs_pending_update(h):
+    client = h.client(max_resends=5)
+    h.bootstrap(round=3, deadline=T0 + 1000)
+    h.pump(client, until=lambda: h.coordinator.updates)
+    per_send = len(h.coordinator.update_messages)
+    assert (h.tmp_path / "state" / "pending.bin").is_file()
+    h.coordinator.run = NEW_RUN
+    h.coordinator.publish_global(initial_weights(h.tabular), 1)
+    h.pump(client, until=lambda: client.progress.run == NEW_RUN)
+    assert client.progress.pending is None and not (h.tmp_path / "state" / "pending.bin").exists()
+    for _ in range(4):
+        h.clock.now += ACK_TIMEOUT
+        h.pump(client)
+    assert len(h.coordinator.update_messages) == per_send, "the old run's update must not be resent"
+    # The old run's coordinator may still answer it: that ack is ignored, not taken for the new run.
+    h.coordinator.announce(1, deadline=T0 + 2000)
+    h.pump(client, until=lambda: len(h.coordinator.updates) == 2)
+    h.coordinator.ack(1, "accepted", run=RUN)
+    h.pump(client)
+    assert client.progress.pending is not None and client.progress.acked_round is None
+    h.coordinator.ack(1, "accepted")
+    h.pump(client, until=lambda: client.progress.acked_round == 1)
+
+
+def test_a_stale_announcement_of_another_run_never_replaces_the_current_run(h, caplog):
+    """A closed round of an older run (an old retained message) arriving late changes nothing."""
+    client = h.client()
+    h.coordinator.run = NEW_RUN
+    h.bootstrap(round=1, deadline=T0 + 1000)
+    h.pump(client, until=lambda: h.coordinator.updates)
+    h.clock.now = T0 + 500
+    with caplog.at_level(logging.INFO, logger="edge_client.client"):
+        for _ in range(3):  # re-delivered, as a retained message is after every reconnection
+            h.coordinator.announce(7, deadline=T0 + 400, run=RUN)
+            h.pump(client)
+    assert client.progress.run == NEW_RUN and client.progress.trained_round == 1
+    assert client.progress.pending is not None and client.announcement.run == NEW_RUN
+    (line,) = _ignored_lines(caplog, "stale_run")  # logged once, with the reason
+    assert "round 7" in line and RUN in line and NEW_RUN in line
+    assert len(set(h.coordinator.updates)) == 1, "only resends of the current run's update"
+
+
+def test_an_already_trained_round_is_logged_once(h, caplog):
+    first = h.client()
+    h.bootstrap(round=3, deadline=T0 + 1000)
+    h.pump(first, until=lambda: h.coordinator.updates)
+    h.coordinator.ack(3, "accepted")
+    h.pump(first, until=lambda: first.progress.acked_round == 3)
+    first.transport.drop()  # the acknowledged update is gone with the reboot
+    with caplog.at_level(logging.INFO, logger="edge_client.client"):
+        second = h.client()
+        for deadline in (T0 + 2000, T0 + 3000):  # asked again, twice
+            h.coordinator.announce(3, deadline=deadline)
+            h.pump(second)
+    (line,) = _ignored_lines(caplog, "already_trained")
+    assert "round 3" in line
+    assert len(h.coordinator.updates) == 1
+
+
+def test_a_diverged_round_is_not_marked_trained_and_a_retry_trains_again(h, caplog):
+    client = h.client()
+    h.coordinator.publish_model()
+    h.pump(client, until=lambda: client.model is not None)
+    fit = client.model.fit
+
+    def diverging_fit(*args, **kwargs):
+        return dataclasses.replace(fit(*args, **kwargs), loss=float("nan"))
+
+    client.model.fit = diverging_fit
+    h.coordinator.publish_global(initial_weights(h.tabular), 2)
+    h.coordinator.announce(2, deadline=T0 + 100)
+    with caplog.at_level(logging.ERROR, logger="edge_client.client"):
+        h.pump(client)
+        h.pump(client)
+    assert caplog.text.count("training diverged") == 1, "the same announcement must not train again"
+    assert h.coordinator.update_messages == [] and client.progress.trained_round is None
+    assert client.rounds_completed == 1
+
+    client.model.fit = fit  # the retry (same round, new deadline) succeeds
+    h.coordinator.announce(2, deadline=T0 + 200)
+    h.pump(client, until=lambda: h.coordinator.updates)
+    assert decode_update(h, h.coordinator.updates[0], round=2).round == 2
+    assert client.progress.trained_round == 2

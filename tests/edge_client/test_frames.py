@@ -13,10 +13,12 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from edge_client.errors import ProtocolError
-from edge_client.frames import MAGIC, Frame, decode_frame, encode_frame, validate_frame
+from edge_client.frames import FRAME_VERSION, MAGIC, Frame, decode_frame, encode_frame, validate_frame
+from edge_client.messages import UNNAMED_RUN
 from edge_client.weights import NamedArray, TensorSpec
 
 SHA = "ab" * 32
+RUN = "0123456789abcdef"
 
 finite_f32 = st.floats(-1e6, 1e6, width=32, allow_nan=False)
 tensors = st.lists(
@@ -28,7 +30,7 @@ tensors = st.lists(
 
 def _frame(arrays, codec="float32", **kw) -> Frame:
     named = [NamedArray(f"layer{i}/kernel", a) for i, a in enumerate(arrays)]
-    defaults = dict(kind="update", round=3, model_sha256=SHA, client_id="pi-7", num_examples=42)
+    defaults = dict(kind="update", round=3, model_sha256=SHA, client_id="pi-7", num_examples=42, run=RUN)
     return Frame(tensors=named, codec=codec, metrics={"loss": 0.5}, **{**defaults, **kw})
 
 
@@ -36,8 +38,9 @@ def _frame(arrays, codec="float32", **kw) -> Frame:
 def test_float32_round_trip_is_exact(arrays):
     frame = _frame(arrays)
     back = decode_frame(encode_frame(frame))
-    assert (back.kind, back.round, back.model_sha256, back.client_id, back.num_examples) == (
+    assert (back.kind, back.run, back.round, back.model_sha256, back.client_id, back.num_examples) == (
         "update",
+        RUN,
         3,
         SHA,
         "pi-7",
@@ -99,7 +102,7 @@ def test_garbage_never_raises_anything_but_protocol_error(blob):
         decode_frame(blob)
 
 
-def _forge(header: dict, payload: bytes = b"", magic: bytes = MAGIC, version: int = 1) -> bytes:
+def _forge(header: dict, payload: bytes = b"", magic: bytes = MAGIC, version: int = FRAME_VERSION) -> bytes:
     """A frame with a valid checksum around any header: tests the header checks."""
     raw = json.dumps(header).encode()
     body = struct.pack("<4sBI", magic, version, len(raw)) + raw + payload
@@ -109,6 +112,7 @@ def _forge(header: dict, payload: bytes = b"", magic: bytes = MAGIC, version: in
 def _header(**changes) -> dict:
     header = {
         "kind": "update",
+        "run": RUN,
         "round": 1,
         "model_sha256": SHA,
         "codec": "float32",
@@ -131,13 +135,52 @@ def _tensor(name="w", shape=(2,), nbytes=8) -> dict:
 def test_forged_good_frame_decodes():
     frame = decode_frame(_forge(_header(), GOOD_PAYLOAD))
     np.testing.assert_array_equal(frame.tensors[0].array, [1.0, 2.0])
+    assert frame.run == RUN
+
+
+def _without_run() -> dict:
+    header = _header()
+    del header["run"]
+    return header
+
+
+def test_a_version_1_frame_is_refused_on_the_wire_and_read_only_on_request():
+    old = _forge(_without_run(), GOOD_PAYLOAD, version=1)
+    with pytest.raises(ProtocolError) as info:
+        decode_frame(old)
+    assert info.value.reason == "bad_version" and "litefed version" in str(info.value)
+    # Old checkpoint files: readable, but they name no run.
+    assert decode_frame(old, accept_legacy=True).run == UNNAMED_RUN
+
+
+def test_the_encoder_refuses_a_bad_run_id():
+    with pytest.raises(ProtocolError) as info:
+        encode_frame(_frame([np.zeros(2, np.float32)], run="not-a-run"))
+    assert info.value.reason == "bad_header"
+
+
+HOSTILE_RUNS = ["", "0123456789ABCDEF", "0123456789abcde", "0123456789abcdef0", "../../etc/passwd", "é" * 16,
+                "0123456789abcde\n", 12345, None, True, ["0123456789abcdef"], {"a": 1}, "a" * 10_000]  # fmt: skip
+
+
+@pytest.mark.parametrize("run", HOSTILE_RUNS, ids=range(len(HOSTILE_RUNS)))
+def test_a_hostile_run_id_is_a_bad_header(run):
+    with pytest.raises(ProtocolError) as info:
+        decode_frame(_forge(_header(run=run), GOOD_PAYLOAD))
+    assert info.value.reason == "bad_header"
+
+
+def test_a_v2_frame_without_a_run_is_a_bad_header():
+    with pytest.raises(ProtocolError) as info:
+        decode_frame(_forge(_without_run(), GOOD_PAYLOAD))
+    assert info.value.reason == "bad_header" and "protocol v1" in str(info.value)
 
 
 @pytest.mark.parametrize(
     ("raw", "reason"),
     [
         (_forge(_header(), GOOD_PAYLOAD, magic=b"XXXX"), "bad_magic"),
-        (_forge(_header(), GOOD_PAYLOAD, version=2), "bad_version"),
+        (_forge(_header(), GOOD_PAYLOAD, version=FRAME_VERSION + 1), "bad_version"),
         (_forge(_header(kind="weights"), GOOD_PAYLOAD), "bad_header"),
         (_forge(_header(round=True), GOOD_PAYLOAD), "bad_header"),
         (_forge(_header(round=-1), GOOD_PAYLOAD), "bad_header"),
@@ -176,13 +219,14 @@ def test_validate_accepts_a_matching_update():
         (_frame([np.zeros(2, np.float32)], kind="global"), {}, "wrong_kind"),
         (_frame([np.zeros(2, np.float32)], model_sha256="cd" * 32), {}, "unknown_model"),
         (_frame([np.zeros(2, np.float32)], round=2), {"current_round": 3}, "stale_round"),
+        (_frame([np.zeros(2, np.float32)], run=UNNAMED_RUN), {"run": RUN}, "stale_run"),
         (_frame([np.zeros(2, np.float32)], num_examples=0), {}, "bad_header"),
         (_frame([np.array([1.0, np.nan], np.float32)]), {}, "bad_tensors"),
         (_frame([np.array([np.inf, 1.0], np.float32)]), {}, "bad_tensors"),
         (_frame([np.zeros(3, np.float32)]), {}, "bad_tensors"),
         (_frame([np.zeros(2, np.float32), np.zeros(2, np.float32)]), {}, "bad_tensors"),
     ],
-    ids=["kind", "model_hash", "stale_round", "no_examples", "nan", "inf", "shape", "extra_tensor"],
+    ids=["kind", "model_hash", "stale_round", "stale_run", "no_examples", "nan", "inf", "shape", "extra_tensor"],
 )
 def test_validate_rejects_what_does_not_fit(frame, kwargs, reason):
     specs = [TensorSpec("layer0/kernel", (2,), "float32")]

@@ -90,7 +90,7 @@ PROBE_BLOCKER = textwrap.dedent(
         except ImportError as exc:
             outcome[name] = "blocked" if "blocked" in str(exc) else f"other ImportError: {exc}"
     try:
-        import converter  # the converter needs TensorFlow, so it must fail too
+        from converter import convert  # the converter needs TensorFlow, so it must fail too
         outcome["converter"] = "imported"
     except ImportError as exc:
         outcome["converter"] = "blocked" if "blocked" in str(exc) else f"other ImportError: {exc}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 
@@ -25,6 +26,9 @@ from edge_client.state import (
 )
 from edge_client.weights import NamedArray
 
+RUN = "0123456789abcdef"
+OTHER_RUN = "fedcba9876543210"
+
 
 def _weights(manifest, value: float = 0.5) -> list[NamedArray]:
     return [NamedArray(s.name, np.full(s.shape, value, np.float32)) for s in manifest.weights]
@@ -34,9 +38,9 @@ def _global(tabular, round: int = 4) -> bytes:
     return encode_frame(Frame("global", round, tabular.manifest.model_sha256, _weights(tabular.manifest)))
 
 
-def _update(tabular, round: int = 4) -> bytes:
+def _update(tabular, round: int = 4, run: str = RUN) -> bytes:
     weights = _weights(tabular.manifest, 0.01)
-    frame = Frame("update", round, tabular.manifest.model_sha256, weights, client_id="pi-1", num_examples=12)
+    frame = Frame("update", round, tabular.manifest.model_sha256, weights, client_id="pi-1", num_examples=12, run=run)
     return encode_frame(frame)
 
 
@@ -170,12 +174,12 @@ def test_progress_and_pending_round_trip(tmp_path, tabular):
     assert store.load_progress() == Progress()
     sha = tabular.manifest.model_sha256
     data = _update(tabular)
-    progress = Progress(sha, trained_round=4, acked_round=3, pending=_pending(data, 4, sha))
+    progress = Progress(sha, trained_round=4, acked_round=3, pending=_pending(data, 4, sha), run=RUN)
     store.save_progress(progress, data)
     assert store.load_progress() == progress
     assert store.load_pending(progress, tabular.manifest) == data
 
-    done = Progress(sha, trained_round=4, acked_round=4)
+    done = Progress(sha, trained_round=4, acked_round=4, run=RUN)
     store.save_progress(done)
     assert store.load_progress() == done
     assert not (tmp_path / PENDING_FILE).exists()
@@ -204,7 +208,7 @@ def test_truncated_or_stale_pending_update_is_ignored(tmp_path, tabular):
     store = StateStore(tmp_path)
     sha = tabular.manifest.model_sha256
     data = _update(tabular)
-    progress = Progress(sha, 4, None, _pending(data, 4, sha))
+    progress = Progress(sha, 4, None, _pending(data, 4, sha), RUN)
     store.save_progress(progress, data)
     (tmp_path / PENDING_FILE).write_bytes(data[:-10])  # cut short
     assert store.load_pending(progress, tabular.manifest) is None
@@ -219,7 +223,37 @@ def test_pending_update_of_another_round_is_ignored(tmp_path, tabular):
     store = StateStore(tmp_path)
     sha = tabular.manifest.model_sha256
     data = _update(tabular, round=3)
-    progress = Progress(sha, 4, None, _pending(data, 4, sha))
+    progress = Progress(sha, 4, None, _pending(data, 4, sha), RUN)
     store.save_progress(progress, data)
     assert store.load_pending(progress, tabular.manifest) is None
-    assert store.load_pending(Progress(sha, 3, None, _pending(data, 3, sha)), tabular.manifest) == data
+    assert store.load_pending(Progress(sha, 3, None, _pending(data, 3, sha), RUN), tabular.manifest) == data
+
+
+def test_pending_update_of_another_run_is_ignored(tmp_path, tabular):
+    """The same round number in another run is another round: its update is never resent."""
+    store = StateStore(tmp_path)
+    sha = tabular.manifest.model_sha256
+    data = _update(tabular, round=4, run=OTHER_RUN)
+    progress = Progress(sha, 4, None, _pending(data, 4, sha), RUN)
+    store.save_progress(progress, data)
+    assert store.load_pending(progress, tabular.manifest) is None
+    assert store.load_pending(dataclasses.replace(progress, run=OTHER_RUN), tabular.manifest) == data
+
+
+def test_progress_of_protocol_v1_reads_as_belonging_to_no_run(tmp_path, tabular):
+    store = StateStore(tmp_path)
+    sha = tabular.manifest.model_sha256
+    old = f'{{"version": 1, "model_sha256": "{sha}", "trained_round": 9, "acked_round": 9, "pending": null}}'
+    (tmp_path / PROGRESS_FILE).write_text(old)
+    assert store.load_progress() == Progress(sha, 9, 9, None, run="")
+
+
+@pytest.mark.parametrize("run", ["../x", "0123456789ABCDEF", "0" * 17, 5, None])
+def test_progress_with_a_bad_run_is_damaged(tmp_path, tabular, run, caplog):
+    store = StateStore(tmp_path)
+    obj = Progress(tabular.manifest.model_sha256, 2, 2, None, RUN).to_json()
+    obj["run"] = run
+    (tmp_path / PROGRESS_FILE).write_text(json.dumps(obj))
+    with caplog.at_level(logging.WARNING, logger="edge_client.state"):
+        assert store.load_progress() == Progress()
+    assert "damaged" in caplog.text

@@ -12,6 +12,7 @@ from edge_client.weights import NamedArray
 from tests.helpers import separable_binary_data
 
 SHA = "ab" * 32
+RUN = "0123456789abcdef"
 
 
 @pytest.fixture()
@@ -60,17 +61,21 @@ def test_error_feedback_applies_to_lossy_codecs_only(runtime):
     x, y = separable_binary_data(64, seed=0)
     result = train_local(runtime, runtime.get_weights(), x, y, epochs=1, lr=0.05)
     feedback = ErrorFeedback()
-    encode_update(result, round=1, model_sha256=SHA, client_id="c", codec="float32", feedback=feedback)
+    encode_update(result, round=1, run=RUN, model_sha256=SHA, client_id="c", codec="float32", feedback=feedback)
     assert feedback.state_dict() == {}
 
-    payload = encode_update(result, round=1, model_sha256=SHA, client_id="c", codec="topk:0.25", feedback=feedback)
+    payload = encode_update(
+        result, round=1, run=RUN, model_sha256=SHA, client_id="c", codec="topk:0.25", feedback=feedback
+    )
     frame = decode_frame(payload)
-    assert (frame.round, frame.client_id, frame.codec, frame.num_examples) == (1, "c", "topk:0.25", 64)
+    assert (frame.run, frame.round, frame.client_id, frame.codec, frame.num_examples) == (RUN, 1, "c", "topk:0.25", 64)
     for (name, sent), (_, delta) in zip(frame.tensors, result.delta, strict=True):
         np.testing.assert_allclose(sent + feedback.residual(name), delta, atol=1e-7)
 
     # The next update carries the residual: sent_1 + sent_2 + residual_2 = 2 * delta.
-    second = encode_update(result, round=2, model_sha256=SHA, client_id="c", codec="topk:0.25", feedback=feedback)
+    second = encode_update(
+        result, round=2, run=RUN, model_sha256=SHA, client_id="c", codec="topk:0.25", feedback=feedback
+    )
     for (name, s1), (_, s2), (_, delta) in zip(frame.tensors, decode_frame(second).tensors, result.delta, strict=True):
         np.testing.assert_allclose(s1 + s2 + feedback.residual(name), 2 * delta, atol=1e-6)
 
@@ -81,5 +86,5 @@ def test_an_unencodable_update_leaves_the_residuals_alone(runtime):
     huge = result.__class__([NamedArray(n, d + 1e6) for n, d in result.delta], 16, result.metrics, 1)
     feedback = ErrorFeedback()
     with pytest.raises(Exception, match="float16"):
-        encode_update(huge, round=1, model_sha256=SHA, client_id="c", codec="float16", feedback=feedback)
+        encode_update(huge, round=1, run=RUN, model_sha256=SHA, client_id="c", codec="float16", feedback=feedback)
     assert feedback.state_dict() == {}

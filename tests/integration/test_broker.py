@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.broker import EmbeddedBroker, EmbeddedBrokerError, find_mosquitto, main
+from coordinator.broker import EmbeddedBroker, EmbeddedBrokerError, PortInUseError, find_mosquitto, main
 from edge_client.mqtt import MqttTransport
 from edge_client.transport import Message
 
@@ -103,9 +103,11 @@ def test_a_taken_port_is_a_clear_error(kind):
     with EmbeddedBroker("amqtt") as holder:
         broker = EmbeddedBroker(kind, port=holder.port)
         try:
-            with pytest.raises(EmbeddedBrokerError, match=f"port {holder.port} .*already in use"):
+            with pytest.raises(PortInUseError, match=f"^127.0.0.1:{holder.port} is already in use") as raised:
                 broker.start(timeout=5)
-            assert not broker.running
+            assert (raised.value.host, raised.value.port) == ("127.0.0.1", holder.port)
+            assert "\n" not in str(raised.value)
+            assert not broker.running and broker.tempdir is None
         finally:
             broker.stop()
         assert round_trip(holder.url) == Message("probe/t", b"ok")  # the holder is untouched
@@ -120,14 +122,43 @@ def test_bad_arguments_are_refused():
 
 def test_cli_reports_a_taken_port_with_exit_code_1(amqtt_broker, capsys):
     assert main(["--kind", "amqtt", "--port", str(amqtt_broker.port)]) == 1
-    assert "already in use" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"litefed-broker: error: 127.0.0.1:{amqtt_broker.port} is in use")
+
+
+def test_mosquitto_folder_exists_while_running_and_goes_with_stop():
+    broker = EmbeddedBroker("mosquitto")
+    broker.start()
+    try:
+        folder = broker.tempdir
+        assert folder is not None and folder.name.startswith("litefed-mosquitto-")
+        assert (folder / "mosquitto.conf").is_file()
+    finally:
+        broker.stop()
+    assert broker.tempdir is None and not folder.exists()
+
+
+def test_a_broker_started_in_a_worker_thread_outlives_the_thread():
+    # The parent-death signal follows the thread that started mosquitto: none is set from a worker.
+    import threading
+
+    broker = EmbeddedBroker("mosquitto")
+    worker = threading.Thread(target=broker.start)
+    worker.start()
+    worker.join(30)
+    try:
+        assert broker.running, "mosquitto did not start or died with its thread"
+        assert round_trip(broker.url) == Message("probe/t", b"ok")
+    finally:
+        broker.stop()
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_cli_prints_the_url_and_stops_on_ctrl_c(kind):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     cli = subprocess.Popen(
-        [sys.executable, "-m", "coordinator.broker", "--kind", kind],
+        [sys.executable, "-m", "coordinator.broker", "--kind", kind, "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=REPO_ROOT,
@@ -147,5 +178,5 @@ def test_cli_prints_the_url_and_stops_on_ctrl_c(kind):
             cli.kill()
             cli.communicate(timeout=5)
     assert cli.returncode == 0, err
-    assert "stopping" in out
+    assert "stopping" in err and "Traceback" not in err, err
     assert not accepts_tcp(port)  # mosquitto went with it

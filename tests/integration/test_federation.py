@@ -104,14 +104,18 @@ class Federation:
                 client = message.topic.rsplit("/", 1)[-1]
                 self.presence[client] = Presence.from_bytes(message.payload).status
 
-    def coordinator(self, rounds: int, min_fit: int, min_available: int, round_timeout: float) -> Coordinator:
+    def coordinator(
+        self, rounds: int, min_fit: int, min_available: int, round_timeout: float, out: Path | None = None
+    ) -> Coordinator:
+        """A coordinator whose checkpoints and metrics go to ``out`` (its ``--out``; default: the test's directory)."""
+        out = out or self.dir
         config = CoordinatorConfig(
             model_path=self.tabular.model_path,
             rounds=rounds,
             round_timeout=round_timeout,
             federation=self.federation,
-            checkpoint_dir=self.dir / "checkpoints",
-            metrics_path=self.dir / "metrics.jsonl",
+            checkpoint_dir=out / "checkpoints",
+            metrics_path=out / "metrics.jsonl",
             wait_for_clients=120,
             poll_interval=0.05,
         )

@@ -35,19 +35,21 @@ def test_mqtt_coordinator_and_simulator_agree_on_the_same_updates(broker_url, mq
     x, y = separable_binary_data(CLIENTS * 40, seed=6)
     data = {f"client-{i:03d}": (x[i::CLIENTS], y[i::CLIENTS]) for i in range(CLIENTS)}
 
-    # In-process: the simulator's round, and the update frames its clients produce.
-    with FederatedProcess(tabular.model_path, strategy(), seed=11) as process:
+    topics = Topics("parity", prefix)
+    config = CoordinatorConfig(tabular.model_path, rounds=1, round_timeout=30, federation="parity",
+                               topic_prefix=prefix, poll_interval=0.05)  # fmt: skip
+    coordinator = Coordinator(config, mqtt_client(broker_url, "coordinator", connect=False), strategy())
+
+    # In-process: the simulator's round, and the update frames its clients produce, in the
+    # coordinator's run (updates of another run are rejected as stale_run).
+    with FederatedProcess(tabular.model_path, strategy(), seed=11, run_id=coordinator.run_id) as process:
         start = process.initialize()
         jobs = process.client_jobs(start, data, strategy().round_config)  # before next() stores residuals
         simulated, _ = process.next(start, data)
     runtime = TrainableModel.load(tabular.model_path, num_threads=1)  # as the simulator's in-process pool
     payloads = {job.client_id: run_client_job(runtime, job).payload for job in jobs}
 
-    # Over the broker: a real coordinator, and boards that send those frames.
-    topics = Topics("parity", prefix)
-    config = CoordinatorConfig(tabular.model_path, rounds=1, round_timeout=30, federation="parity",
-                               topic_prefix=prefix, poll_interval=0.05)  # fmt: skip
-    coordinator = Coordinator(config, mqtt_client(broker_url, "coordinator", connect=False), strategy())
+    # Over the broker: the real coordinator, and boards that send those frames.
     boards = {}
     for client_id in payloads:
         board = mqtt_client(broker_url, client_id)
@@ -64,7 +66,8 @@ def test_mqtt_coordinator_and_simulator_agree_on_the_same_updates(broker_url, mq
             board = boards[client_id]
             _wait_for(board, topics.round, lambda m, c=client_id: c in RoundAnnouncement.from_bytes(m).selected)
             board.publish_many([_chunk(topics.update(client_id), c) for c in split(payload, 4096)])
-            _wait_for(board, topics.ack(client_id), lambda m: Ack.from_bytes(m) == Ack(1, "accepted"))
+            accepted = Ack(1, "accepted", run=coordinator.run_id)
+            _wait_for(board, topics.ack(client_id), lambda m, a=accepted: Ack.from_bytes(m) == a)
         runner.join(timeout=30)
         assert not runner.is_alive() and not errors, errors
     finally:
