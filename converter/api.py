@@ -13,7 +13,7 @@ import numpy as np
 
 from converter import ops
 from converter.errors import UnsupportedModelError, VerificationError
-from converter.graph import GraphSpec, TrainingModule, to_tflite
+from converter.graph import GraphSpec, TrainingModule, boundary_shape, to_tflite
 from converter.losses import Head, canonical_loss
 from converter.lowering import lower_model
 from converter.optimizers import OptimizerConfig
@@ -176,7 +176,7 @@ def _manifest(
 ) -> Manifest:
     b, head = spec.batch_size, spec.head
     state = [
-        TensorSpec(n, tuple(v.shape), "float32")
+        TensorSpec(n, boundary_shape(v.shape), "float32")
         for n, v in zip(module.state_names(), module.state_variables(), strict=True)
     ]
     outputs = ["loss", "correct"] if head.task != "regression" else ["loss"]
@@ -191,7 +191,7 @@ def _manifest(
         num_classes=head.num_outputs if head.task == "multiclass" else (2 if head.task == "binary" else 0),
         loss={"name": head.loss, "from_logits": from_logits},
         optimizer=spec.optimizer.to_json(),
-        weights=tuple(TensorSpec(p.name, p.initial.shape, "float32") for p in spec.params),
+        weights=tuple(TensorSpec(p.name, boundary_shape(p.initial.shape), "float32") for p in spec.params),
         optimizer_state=tuple(state),
         signatures={
             "train": {"inputs": ["x", "y", "sample_weight", "lr", "mu"], "outputs": outputs},

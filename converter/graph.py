@@ -3,11 +3,17 @@
 Signatures (all with the fixed batch size ``B``):
 
 - ``train(x, y, sample_weight, lr, mu) -> loss[, correct]``: one optimizer
-  step; ``mu`` scales the FedProx term ``mu/2 * ||w - anchor||^2``.
+  step; ``mu`` scales the FedProx term ``mu/2 * ||w - anchor||^2``; ``lr``
+  and ``mu`` have shape ``[1]``.
 - ``infer(x) -> output``: probabilities for classifiers, outputs otherwise.
 - ``evaluate(x, y, sample_weight) -> loss_sum[, correct]``: weighted sums.
 - ``get_weights() -> {name: tensor}``: trainable tensors and optimizer state.
 - ``set_weights({name: tensor}) -> count``: assigns them and sets the anchor.
+
+No signature has a rank-0 input: ai-edge-litert's aarch64 build crashes
+(a ``memset`` of 2^64-4 bytes) when its ``SignatureRunner`` resizes one.
+Scalars therefore cross every signature boundary with shape ``[1]``
+(:func:`boundary_shape`) and are reshaped inside the graph.
 """
 
 from __future__ import annotations
@@ -95,6 +101,7 @@ class TrainingModule(tf.Module):
         return [g + mu * (p - a) for g, p, a in zip(grads, params, self.anchors, strict=True)]
 
     def train(self, x, y, sample_weight, lr, mu):
+        lr, mu = tf.reshape(lr, []), tf.reshape(mu, [])  # shape-[1] inputs, see the module docstring
         params = [w.read_value() for w in self.weights]
         out, caches = self._forward(x, params, training=True)
         weight_sum = tf.maximum(tf.reduce_sum(sample_weight), 1e-12)
@@ -124,14 +131,18 @@ class TrainingModule(tf.Module):
 
     def get_weights(self):
         names = [p.name for p in self.spec.params] + self.state_names()
-        return {n: v.read_value() for n, v in zip(names, self.weights + self.state_variables(), strict=True)}
+        return {
+            n: _reshaped(v.read_value(), boundary_shape(v.shape))
+            for n, v in zip(names, self.weights + self.state_variables(), strict=True)
+        }
 
     def set_weights(self, tensors):
         for p, w, a in zip(self.spec.params, self.weights, self.anchors, strict=True):
-            w.assign(tensors[p.name])
-            a.assign(tensors[p.name])
+            value = _reshaped(tensors[p.name], w.shape)
+            w.assign(value)
+            a.assign(value)
         for name, var in zip(self.state_names(), self.state_variables(), strict=True):
-            var.assign(tensors[name])
+            var.assign(_reshaped(tensors[name], var.shape))
         return {"count": tf.constant(len(tensors), tf.int32)}
 
     # -- signatures -----------------------------------------------------------
@@ -140,20 +151,32 @@ class TrainingModule(tf.Module):
         x = tf.TensorSpec([b, *spec.input_shape], spec.input_dtype, name="x")
         y = tf.TensorSpec(spec.head.label_shape(b), spec.head.label_dtype, name="y")
         w = tf.TensorSpec([b], tf.float32, name="sample_weight")
-        scalar = lambda name: tf.TensorSpec([], tf.float32, name=name)  # noqa: E731
+        hyper = lambda name: tf.TensorSpec([1], tf.float32, name=name)  # noqa: E731
         tensors = {
-            n: tf.TensorSpec(v.shape, v.dtype, name=n)
+            n: tf.TensorSpec(boundary_shape(v.shape), v.dtype, name=n)
             for n, v in zip(
                 [p.name for p in spec.params] + self.state_names(), self.weights + self.state_variables(), strict=True
             )
         }
         return {
-            "train": tf.function(self.train).get_concrete_function(x, y, w, scalar("lr"), scalar("mu")),
+            "train": tf.function(self.train).get_concrete_function(x, y, w, hyper("lr"), hyper("mu")),
             "infer": tf.function(self.infer).get_concrete_function(x),
             "evaluate": tf.function(self.evaluate).get_concrete_function(x, y, w),
             "get_weights": tf.function(self.get_weights).get_concrete_function(),
             "set_weights": tf.function(self.set_weights).get_concrete_function(tensors),
         }
+
+
+def boundary_shape(shape) -> tuple[int, ...]:
+    """The shape a tensor has in a signature: its own, except that a scalar becomes ``[1]``."""
+    shape = tuple(int(d) for d in shape)
+    return shape or (1,)
+
+
+def _reshaped(value: tf.Tensor, shape) -> tf.Tensor:
+    """``value`` in ``shape``; a RESHAPE op only where the shapes differ (scalars)."""
+    shape = tuple(int(d) for d in shape)
+    return value if tuple(value.shape) == shape else tf.reshape(value, shape)
 
 
 def _var_name(name: str) -> str:

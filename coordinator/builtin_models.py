@@ -2,7 +2,8 @@
 
 Only the first run needs TensorFlow (the ``converter`` extra); later runs,
 and every client, use the cached ``.tflite`` + manifest. The cache key
-includes the litefed version, so an upgrade re-converts.
+includes the litefed version and the manifest format version, so an upgrade
+re-converts, and a model from before a format change is never reused.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from edge_client import __version__
 from edge_client.errors import EdgeClientError
-from edge_client.manifest import load_manifest, manifest_path_for
+from edge_client.manifest import FORMAT_VERSION, load_manifest, manifest_path_for
 
 log = logging.getLogger(__name__)
 BUILTIN = {"mnist_cnn": "converter.zoo:mnist_cnn"}
@@ -30,7 +31,7 @@ def builtin_model(name: str = "mnist_cnn", batch_size: int = 32, cache: Path | N
     """Path of the converted built-in model ``name`` (converting it if not cached)."""
     if name not in BUILTIN:
         raise ValueError(f"unknown built-in model {name!r}; choose one of {sorted(BUILTIN)}")
-    path = (cache or cache_dir()) / f"{name}-b{batch_size}-v{__version__}.tflite"
+    path = (cache or cache_dir()) / f"{name}-b{batch_size}-v{__version__}-f{FORMAT_VERSION}.tflite"
     try:
         load_manifest(manifest_path_for(path))
         if path.is_file():

@@ -16,7 +16,10 @@ from edge_client.errors import ManifestError, WeightsError
 from edge_client.weights import TensorSpec
 
 FORMAT = "litefed-model"
-FORMAT_VERSION = 1
+# 2: no rank-0 signature input (lr, mu and scalar state have shape [1]); version 1
+# models crash ai-edge-litert's aarch64 build in `train`, so they are refused.
+FORMAT_VERSION = 2
+RECONVERT = "re-convert the model with the current litefed-convert"
 TASKS = ("multiclass", "binary", "regression")
 SIGNATURES = ("train", "infer", "evaluate", "get_weights", "set_weights")
 
@@ -92,7 +95,7 @@ class Manifest:
         if obj.get("format_version") != FORMAT_VERSION:
             raise ManifestError(
                 f"manifest format_version {obj.get('format_version')!r} is not supported "
-                f"(this litefed reads {FORMAT_VERSION}); re-convert the model"
+                f"(this litefed reads {FORMAT_VERSION}); {RECONVERT}"
             )
         try:
             manifest = cls(
@@ -129,6 +132,9 @@ class Manifest:
         names = [s.name for s in self.all_weights]
         if len(set(names)) != len(names):
             raise ManifestError("weight names in the manifest are not unique")
+        scalars = [s.name for s in self.all_weights if s.shape == ()]
+        if scalars:
+            raise ManifestError(f"manifest has rank-0 tensors {scalars} (from an older converter); {RECONVERT}")
 
 
 def manifest_path_for(model_path: str | Path) -> Path:

@@ -3,6 +3,13 @@
 This is the only module that drives ``ai_edge_litert``. It needs numpy and
 ai-edge-litert and nothing else, so it runs on a Raspberry Pi as it runs on
 the coordinator (which evaluates the global model through it).
+
+Signatures are run through :class:`_Signature`, not ``SignatureRunner.__call__``:
+that call resizes every input on every call, and ai-edge-litert's aarch64
+build crashes resizing a rank-0 input (``memset`` of 2^64-4 bytes). Our
+inputs have fixed shapes, so the tensors are allocated once and only set.
+Models with a rank-0 signature input (converted before format_version 2)
+are refused at load.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
 from edge_client.errors import ManifestError, WeightsError
-from edge_client.manifest import Manifest, load_manifest, manifest_path_for
+from edge_client.manifest import RECONVERT, Manifest, load_manifest, manifest_path_for
 from edge_client.model_file import require_builtin_only, sha256_hex
 from edge_client.weights import NamedArray, Weights, check_weights
 
@@ -54,6 +61,59 @@ def padded_batches(
         yield idx, real
 
 
+class _Signature:
+    """One signature of a loaded model, run with fixed-shape inputs (no resizing)."""
+
+    def __init__(self, interpreter: Interpreter, name: str):
+        self.name = name
+        self._runner = interpreter.get_signature_runner(name)
+        self._inputs = self._runner.get_input_details()
+        self._outputs = {n: d["index"] for n, d in self._runner.get_output_details().items()}
+        scalars = sorted(n for n, d in self._inputs.items() if len(d["shape"]) == 0)
+        if scalars:
+            raise ManifestError(f"signature {name!r} has rank-0 inputs {scalars} (an older model); {RECONVERT}")
+        # The calls SignatureRunner.__call__ makes, minus the resizing; there is no public
+        # per-subgraph set/invoke. A build without them falls back to the runner itself,
+        # which is safe too now that no input is rank 0.
+        wrapper = getattr(interpreter, "_interpreter", None)
+        self._subgraph = getattr(self._runner, "_subgraph_index", None)
+        direct = self._subgraph is not None and all(
+            hasattr(wrapper, m) for m in ("AllocateTensors", "SetTensor", "Invoke", "GetTensor")
+        )
+        self._wrapper = wrapper if direct else None
+        if self._wrapper is not None:
+            self._wrapper.AllocateTensors(self._subgraph)
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self._inputs)
+
+    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        arrays = self._checked(inputs)
+        if self._wrapper is None:
+            return self._runner(**arrays)
+        for name, value in arrays.items():
+            self._wrapper.SetTensor(self._inputs[name]["index"], value, self._subgraph)
+        self._wrapper.Invoke(self._subgraph)
+        # GetTensor returns a copy, so the results survive the next invocation.
+        return {n: self._wrapper.GetTensor(i, self._subgraph) for n, i in self._outputs.items()}
+
+    def _checked(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The inputs in the signature's dtypes; a one-line error for a missing name or a wrong shape."""
+        if set(inputs) != set(self._inputs):
+            raise WeightsError(f"signature {self.name!r} takes inputs {sorted(self._inputs)}, got {sorted(inputs)}")
+        arrays = {}
+        for name, value in inputs.items():
+            detail = self._inputs[name]
+            arrays[name] = np.asarray(value, detail["dtype"])
+            if arrays[name].shape != tuple(detail["shape"]):
+                raise WeightsError(
+                    f"input {name!r} of {self.name!r} must have shape {tuple(detail['shape'])}, "
+                    f"got {arrays[name].shape}"
+                )
+        return arrays
+
+
 class TrainableModel:
     """A converted model loaded into one LiteRT interpreter."""
 
@@ -66,7 +126,10 @@ class TrainableModel:
         require_builtin_only(model)
         self.manifest = manifest
         self._interpreter = Interpreter(model_content=model, num_threads=num_threads)
-        self._runners = {name: self._interpreter.get_signature_runner(name) for name in manifest.signatures}
+        self._runners = {name: _Signature(self._interpreter, name) for name in manifest.signatures}
+        for name, runner in self._runners.items():
+            if sorted(runner.input_names) != sorted(manifest.signatures[name].get("inputs", [])):
+                raise ManifestError(f"the model's {name!r} inputs differ from the manifest's; {RECONVERT}")
         self._x_dtype = np.dtype(manifest.input.dtype)
         self._y_dtype = np.dtype(manifest.label.dtype)
 
@@ -100,8 +163,8 @@ class TrainableModel:
             x=np.asarray(x, self._x_dtype),
             y=np.asarray(y, self._y_dtype),
             sample_weight=self._weights_or_ones(sample_weight),
-            lr=np.float32(lr),
-            mu=np.float32(mu),
+            lr=np.array([lr], np.float32),
+            mu=np.array([mu], np.float32),
         )
         return StepResult(float(out["loss"]), float(out.get("correct", 0.0)))
 

@@ -2,7 +2,8 @@
 # The one set-up command.
 #
 #   scripts/setup.sh          install litefed with every runtime extra:  pip install -e '.[all]'
-#   scripts/setup.sh --dev    also what the tests need: mosquitto and openssl (apt-get), and '.[dev]'
+#   scripts/setup.sh --dev    also what the tests need: mosquitto, openssl and qemu-user-static (apt-get),
+#                             '.[dev]', and the cached arm64 userland of tests/arm64 (scripts/arm64_userland.sh)
 #
 # Uses ${PYTHON:-python3}. Idempotent: re-running it only re-checks what is installed.
 set -euo pipefail
@@ -23,17 +24,19 @@ cd "$ROOT"
 PY="${PYTHON:-python3}"
 say() { echo "setup: $*"; }
 
-# --- (a) System tools the tests need: the Mosquitto broker and openssl (TLS test certificates) ---------
+# --- (a) System tools the tests need: the Mosquitto broker, openssl (TLS test certificates) and
+#         qemu-user-static (tests/arm64 runs the edge client on aarch64 under qemu-aarch64-static) ---------
 have() {
     case "$1" in
         mosquitto) command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] ;;
+        qemu-user-static) command -v qemu-aarch64-static >/dev/null 2>&1 ;;
         *) command -v "$1" >/dev/null 2>&1 ;;
     esac
 }
 
 install_test_tools() {
     local missing=()
-    for tool in mosquitto openssl; do
+    for tool in mosquitto openssl qemu-user-static; do
         if have "$tool"; then say "$tool: present"; else missing+=("$tool"); fi
     done
     [ "${#missing[@]}" -eq 0 ] && return 0
@@ -76,4 +79,14 @@ fi
 
 say "python: $PY -m pip install -e '.[$EXTRA]'"
 "$PY" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e ".[$EXTRA]" </dev/null
+
+# --- (c) The arm64 userland of tests/arm64 (Debian's arm64 python3.11 + aarch64 wheels, cached) -------
+# Built once (~1-2 min), then only re-checked. Not fatal here: tests/arm64 fails and says what is missing.
+if [ "$DEV" -eq 1 ]; then
+    if userland="$(PYTHON="$PY" bash scripts/arm64_userland.sh </dev/null)"; then
+        say "arm64 userland: $userland"
+    else
+        say "arm64 userland not built (see above); tests/arm64 will fail until scripts/arm64_userland.sh succeeds"
+    fi
+fi
 say "done"

@@ -57,8 +57,8 @@ def test_mnist_train_signature(mnist_cnn, mnist_interpreter):
         "x": ((32, 28, 28, 1), F32),
         "y": ((32,), I32),
         "sample_weight": ((32,), F32),
-        "lr": ((), F32),
-        "mu": ((), F32),
+        "lr": ((1,), F32),
+        "mu": ((1,), F32),
     }
     assert outputs == {"loss": ((), F32), "correct": ((), F32)}
     assert mnist_cnn.manifest.signatures["train"] == {
@@ -154,8 +154,8 @@ def test_tabular_binary_adam_signatures(tabular):
         "x": ((b, 8), F32),
         "y": ((b, 1), F32),
         "sample_weight": ((b,), F32),
-        "lr": ((), F32),
-        "mu": ((), F32),
+        "lr": ((1,), F32),
+        "mu": ((1,), F32),
     }
     assert outputs == {"loss": ((), F32), "correct": ((), F32)}
     assert manifest.task == "binary" and manifest.num_classes == 2
@@ -166,7 +166,7 @@ def test_tabular_binary_adam_signatures(tabular):
     assert state[0] == "optimizer/iterations"
     assert set(state[1:]) == {f"optimizer/{slot}/{n}" for n in names for slot in ("m", "v")}
     shapes = {s.name: s.shape for s in manifest.all_weights}
-    assert shapes["optimizer/iterations"] == ()
+    assert shapes["optimizer/iterations"] == (1,)  # a scalar, but no signature input may be rank 0
     for n in names:
         assert shapes[f"optimizer/m/{n}"] == shapes[n] == shapes[f"optimizer/v/{n}"]
 
@@ -199,3 +199,30 @@ def test_regression_model_has_no_correct_output():
     assert manifest.signatures["train"]["outputs"] == ["loss"]
     assert manifest.signatures["evaluate"]["outputs"] == ["loss_sum"]
     assert [s.name for s in manifest.optimizer_state] == [f"optimizer/momentum/{w.name}" for w in manifest.weights]
+
+
+@pytest.mark.parametrize("fixture", ["mnist_cnn", "tabular", "small_cnn"])
+def test_no_signature_has_a_rank0_input(request, fixture):
+    """ai-edge-litert's aarch64 SignatureRunner crashes resizing a rank-0 input (issue 9)."""
+    converted = request.getfixturevalue(fixture)
+    interpreter = Interpreter(model_content=converted.tflite)
+    for name in SIGNATURES:
+        inputs, _ = io(interpreter, name)
+        assert all(shape != () for shape, _ in inputs.values()), (name, inputs)
+    assert all(s.shape != () for s in converted.manifest.all_weights)
+
+
+def test_plain_signature_runner_trains_the_converted_model(tabular):
+    """Without litefed's runtime: LiteRT's own SignatureRunner, shape-[1] lr and mu, Adam's step counter."""
+    manifest = tabular.manifest
+    interpreter = Interpreter(model_content=tabular.tflite)
+    b = manifest.batch_size
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(b, 8)).astype(np.float32)
+    y = (x[:, :1] > 0).astype(np.float32)
+    lr, mu = np.array([0.01], np.float32), np.array([0.0], np.float32)
+    train = interpreter.get_signature_runner("train")
+    losses = [float(train(x=x, y=y, sample_weight=np.ones(b, np.float32), lr=lr, mu=mu)["loss"]) for _ in range(5)]
+    assert losses[-1] < losses[0]
+    weights = interpreter.get_signature_runner("get_weights")()
+    assert weights["optimizer/iterations"].shape == (1,) and float(weights["optimizer/iterations"][0]) == 5.0

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_client.errors import ManifestError, ModelFileError
-from edge_client.manifest import Manifest, load_manifest
+from edge_client.errors import ManifestError, ModelFileError, WeightsError
+from edge_client.manifest import FORMAT_VERSION, Manifest, load_manifest
 from edge_client.model_file import summarize_operators
 from edge_client.runtime import TrainableModel, padded_batches
 from tests.helpers import separable_binary_data
@@ -221,10 +221,14 @@ def _mutate(obj: dict, how: str) -> object:
         return [obj]
     if how == "wrong_format":
         obj["format"] = "something-else"
-    elif how == "format_version_2":
-        obj["format_version"] = 2
+    elif how == "format_version_1":
+        obj["format_version"] = 1
+    elif how == "format_version_3":
+        obj["format_version"] = 3
     elif how == "format_version_string":
-        obj["format_version"] = "1"
+        obj["format_version"] = "2"
+    elif how == "rank0_state":
+        obj["optimizer_state"][0]["shape"] = []
     elif how == "duplicate_weight_names":
         obj["weights"][1]["name"] = obj["weights"][0]["name"]
     elif how == "state_name_duplicates_weight":
@@ -254,8 +258,10 @@ def _mutate(obj: dict, how: str) -> object:
 MALFORMED = [
     "not_a_dict",
     "wrong_format",
-    "format_version_2",
+    "format_version_1",
+    "format_version_3",
     "format_version_string",
+    "rank0_state",
     "duplicate_weight_names",
     "state_name_duplicates_weight",
     "unknown_task",
@@ -274,6 +280,70 @@ def test_malformed_manifest_is_refused(small_cnn, how):
     assert small_cnn.manifest.optimizer_state, "needs optimizer state (SGD momentum)"
     with pytest.raises(ManifestError):
         Manifest.from_json(_mutate(_manifest_json(small_cnn), how))
+
+
+def test_manifest_of_an_old_format_says_to_reconvert(small_cnn):
+    obj = _manifest_json(small_cnn)
+    assert obj["format_version"] == FORMAT_VERSION == 2
+    obj["format_version"] = 1
+    with pytest.raises(ManifestError, match="re-convert the model with the current litefed-convert"):
+        Manifest.from_json(obj)
+
+
+def test_model_with_rank0_signature_inputs_is_refused_not_run(tmp_path):
+    """A pre-fix graph (rank-0 lr, mu) under a current manifest: refused at load, whatever the machine."""
+    from tests.arm64.legacy import convert_legacy, save_legacy
+    from tests.helpers import build_small_cnn
+
+    tflite, manifest = convert_legacy(build_small_cnn(seed=5, name="legacy_cnn"), batch_size=4)
+    with pytest.raises(ManifestError, match=r"rank-0 inputs \['lr', 'mu'\].*re-convert the model"):
+        TrainableModel(tflite, manifest)
+    path = save_legacy(tflite, manifest, tmp_path / "legacy.tflite")
+    with pytest.raises(ManifestError, match="re-convert"):
+        TrainableModel.load(path)
+    old = save_legacy(tflite, manifest, tmp_path / "old.tflite", format_version=1)
+    with pytest.raises(ManifestError, match="format_version 1 .*re-convert"):
+        TrainableModel.load(old)
+
+
+def test_inputs_of_the_wrong_shape_are_refused(small_cnn):
+    model = small_cnn.runtime()
+    x, y = _multiclass_data(4, small_cnn.manifest)
+    with pytest.raises(WeightsError, match="shape"):
+        model.infer_batch(x[:3])
+    with pytest.raises(WeightsError, match="shape"):
+        model.train_step(x, y[:2])
+    model.train_step(x, y)  # still usable afterwards
+
+
+def test_results_are_copies_that_survive_later_calls(small_cnn):
+    model = small_cnn.runtime()
+    x, y = _multiclass_data(8, small_cnn.manifest, seed=4)
+    first = model.infer_batch(x[:4])
+    kept = first.copy()
+    weights = model.get_weights(include_optimizer=True)
+    kept_weights = [a.copy() for _, a in weights]
+    model.infer_batch(x[4:])
+    model.fit(x, y, epochs=1, lr=0.3)
+    assert np.array_equal(first, kept)
+    assert all(np.array_equal(a, b) for (_, a), b in zip(weights, kept_weights, strict=True))
+    assert not np.array_equal(model.infer_batch(x[:4]), kept)  # training did change the outputs
+
+
+def test_fallback_to_litert_signature_runner_computes_the_same(small_cnn):
+    """An ai-edge-litert without the tensor-index calls falls back to SignatureRunner: same numbers."""
+    direct, fallback = small_cnn.runtime(), small_cnn.runtime()
+    assert all(sig._wrapper is not None for sig in direct._runners.values())  # this build: the direct path
+    for sig in fallback._runners.values():
+        sig._wrapper = None
+    x, y = _multiclass_data(8, small_cnn.manifest, seed=6)
+    for model in (direct, fallback):
+        model.set_weights(small_cnn.runtime().get_weights())
+        model.fit(x, y, epochs=2, lr=0.1, mu=0.01)
+    got, expected = _state(fallback), _state(direct)
+    assert all(np.array_equal(got[n], expected[n]) for n in expected)
+    np.testing.assert_array_equal(fallback.predict(x), direct.predict(x))
+    assert fallback.evaluate(x, y) == direct.evaluate(x, y)
 
 
 def test_load_manifest_errors_are_manifest_errors(tmp_path):
