@@ -17,7 +17,8 @@ from hypothesis.extra import numpy as hnp
 from edge_client.codecs import CODECS, get_codec
 from edge_client.error_feedback import ErrorFeedback, decoded_as_sent
 from edge_client.errors import ProtocolError, WeightsError
-from edge_client.frames import Frame, decode_frame, encode_frame
+from edge_client.frames import FRAME_VERSION, Frame, decode_frame, encode_frame
+from edge_client.messages import UNNAMED_RUN
 from edge_client.weights import NamedArray
 
 SHA = "ab" * 32
@@ -392,9 +393,9 @@ def _forged_frame(codec: str, params_json: str, payload: bytes, shape=(2, 3)) ->
     tensor = f'{{"name":"w","shape":{list(shape)},"nbytes":{len(payload)},"params":{params_json}}}'
     header = (
         f'{{"kind":"update","round":1,"model_sha256":"{SHA}","codec":"{codec}","client_id":"c",'
-        f'"num_examples":1,"metrics":{{}},"tensors":[{tensor}]}}'
+        f'"num_examples":1,"metrics":{{}},"run":"{UNNAMED_RUN}","tensors":[{tensor}]}}'
     ).encode()
-    body = struct.pack("<4sBI", b"LFWT", 1, len(header)) + header + payload
+    body = struct.pack("<4sBI", b"LFWT", FRAME_VERSION, len(header)) + header + payload
     return body + struct.pack("<I", zlib.crc32(body))
 
 
