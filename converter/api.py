@@ -20,6 +20,7 @@ from converter.optimizers import OptimizerConfig
 from converter.spec import load_model
 from converter.verify import VerificationReport, random_batches, verify_against_keras
 from edge_client import __version__
+from edge_client.durable import atomic_write
 from edge_client.errors import ModelFileError
 from edge_client.manifest import Manifest, manifest_path_for, save_manifest
 from edge_client.model_file import require_builtin_only, sha256_hex
@@ -67,9 +68,7 @@ class ConvertedModel:
         """Write ``path`` (.tflite) and its manifest beside it; return both paths."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(self.tflite)
-        tmp.replace(path)
+        atomic_write(path, self.tflite)
         manifest_path = manifest_path_for(path)
         save_manifest(self.manifest, manifest_path)
         return path, manifest_path

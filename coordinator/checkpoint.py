@@ -2,7 +2,7 @@
 
 A checkpoint is the global weights as a ``global`` frame (the wire format:
 no pickle, CRC-checked) plus a small JSON file naming it. Both are written
-to temporary files, fsynced and renamed, and the JSON last, so a crash at
+durably (``edge_client.durable.atomic_write``), the JSON last, so a crash at
 any point leaves either the previous checkpoint or the new one. It also
 keeps the run id, so that a resumed run is the same run for the boards.
 """
@@ -12,12 +12,12 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from edge_client.durable import atomic_write
 from edge_client.errors import ProtocolError
 from edge_client.frames import Frame, decode_frame, encode_frame
 from edge_client.messages import UNNAMED_RUN, is_run_id
@@ -40,22 +40,12 @@ class Checkpoint:
     run_id: str = ""
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     name = f"global-{checkpoint.completed_round:06d}.bin"
     run = checkpoint.run_id or UNNAMED_RUN
     frame = Frame("global", checkpoint.completed_round, checkpoint.model_sha256, checkpoint.weights, run=run)
-    write_atomic(directory / name, encode_frame(frame))
+    atomic_write(directory / name, encode_frame(frame))
     index = {
         "completed_round": checkpoint.completed_round,
         "model_sha256": checkpoint.model_sha256,
@@ -66,8 +56,8 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> None:
         buffer = io.BytesIO()
         np.savez(buffer, **checkpoint.strategy_state)  # plain arrays, read back with allow_pickle=False
         index["strategy_state"] = f"strategy-{checkpoint.completed_round:06d}.npz"
-        write_atomic(directory / index["strategy_state"], buffer.getvalue())
-    write_atomic(directory / INDEX, json.dumps(index, indent=2).encode())
+        atomic_write(directory / index["strategy_state"], buffer.getvalue())
+    atomic_write(directory / INDEX, json.dumps(index, indent=2).encode())
     for pattern, suffix in (("global-*.bin", ".bin"), ("strategy-*.npz", ".npz")):  # keep the last two
         keep_from = f"{pattern.split('*')[0]}{checkpoint.completed_round - 1:06d}{suffix}"
         for old in directory.glob(pattern):

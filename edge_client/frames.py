@@ -29,6 +29,7 @@ from edge_client.codecs import get_codec
 from edge_client.errors import ProtocolError, WeightsError
 from edge_client.messages import UNNAMED_RUN, check_run_id
 from edge_client.weights import NamedArray, TensorSpec, Weights, check_weights
+from edge_client.wire_json import loads_bounded
 
 MAGIC = b"LFWT"
 # Version 2 added the run id ("run"): a v1 peer would take a frame of any run for the current one.
@@ -117,10 +118,7 @@ def decode_frame(data: bytes, *, accept_legacy: bool = False) -> Frame:
 
 
 def _parse_header(raw: bytes) -> dict[str, Any]:
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError("bad_header", f"header is not UTF-8 JSON: {exc}") from None
+    header = loads_bounded(raw, "header", "bad_header")
     if not isinstance(header, dict):
         raise ProtocolError("bad_header", "header is not a JSON object")
     _require(header, "kind", str)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_client.durable import atomic_write
 from edge_client.errors import ManifestError, WeightsError
 from edge_client.weights import TensorSpec
 
@@ -155,8 +156,5 @@ def load_manifest(path: str | Path) -> Manifest:
 
 
 def save_manifest(manifest: Manifest, path: str | Path) -> None:
-    """Write ``manifest`` as indented JSON (atomically: temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    """Write ``manifest`` as indented JSON, atomically and durably."""
+    atomic_write(path, (json.dumps(manifest.to_json(), indent=2) + "\n").encode("utf-8"))

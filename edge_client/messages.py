@@ -16,6 +16,7 @@ from typing import Any
 
 from edge_client.errors import ProtocolError
 from edge_client.topics import check_name
+from edge_client.wire_json import loads_bounded
 
 MAX_JSON_BYTES = 1 << 20
 # A run id: 16 lowercase hex digits (64 random bits), fixed length so frame sizes do not depend on it.
@@ -52,10 +53,7 @@ def check_run_id(value: object, what: str, reason: str = "bad_json") -> str:
 def _load(data: bytes, what: str) -> dict[str, Any]:
     if len(data) > MAX_JSON_BYTES:
         raise ProtocolError("too_large", f"{what} of {len(data)} bytes exceeds {MAX_JSON_BYTES}")
-    try:
-        obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError("bad_json", f"{what} is not UTF-8 JSON: {exc}") from None
+    obj = loads_bounded(data, what, "bad_json")
     if not isinstance(obj, dict):
         raise ProtocolError("bad_json", f"{what} is not a JSON object")
     return obj

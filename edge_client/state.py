@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_client.durable import TMP_PREFIX, atomic_write
 from edge_client.errors import EdgeClientError, ProtocolError, StateError
 from edge_client.frames import Frame, decode_frame, validate_frame
 from edge_client.manifest import Manifest
@@ -52,37 +52,6 @@ RESIDUALS_FILE = "residuals.npz"
 _RESIDUAL_PREFIX = "tensor:"
 PROGRESS_VERSION = 2  # 2 added "run"; a version-1 file reads as belonging to no run
 _PROGRESS_VERSIONS = (1, PROGRESS_VERSION)
-_TMP_PREFIX = ".tmp-"
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new content."""
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX + path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -198,7 +167,7 @@ class StateStore:
 
     def _remove_stale_temporaries(self) -> None:
         """Temporary files left by a write that a power loss interrupted."""
-        for tmp in self.directory.glob(_TMP_PREFIX + "*"):
+        for tmp in self.directory.glob(TMP_PREFIX + "*"):
             with contextlib.suppress(OSError):
                 tmp.unlink()
                 log.info("removed %s, left by an interrupted write", tmp)

@@ -22,7 +22,6 @@ from edge_client.state import (
     PendingUpdate,
     Progress,
     StateStore,
-    atomic_write,
 )
 from edge_client.weights import NamedArray
 
@@ -46,31 +45,6 @@ def _update(tabular, round: int = 4, run: str = RUN) -> bytes:
 
 def _pending(data: bytes, round: int, sha: str) -> PendingUpdate:
     return PendingUpdate(round, sha, sha256_hex(data), len(data))
-
-
-# -- atomic writes -------------------------------------------------------------------
-
-
-def test_atomic_write_replaces_content(tmp_path):
-    target = tmp_path / "f.bin"
-    atomic_write(target, b"one")
-    atomic_write(target, b"two")
-    assert target.read_bytes() == b"two"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
-
-
-def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
-    target = tmp_path / "f.bin"
-    atomic_write(target, b"old")
-
-    def crash(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError):
-        atomic_write(target, b"new")
-    assert target.read_bytes() == b"old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
 
 
 def test_store_removes_temporaries_left_by_a_power_loss(tmp_path):
