@@ -403,8 +403,10 @@ def _forged_frame(codec: str, params_json: str, payload: bytes, shape=(2, 3)) ->
     ("codec", "params_json", "payload", "reason"),
     [
         ("int8", '{"scale":0.5,"offset":-1.0}', U8, None),
-        ("int8", '{"scale":NaN,"offset":-1.0}', U8, "bad_codec_params"),
-        ("int8", '{"scale":Infinity,"offset":-1.0}', U8, "bad_codec_params"),
+        # NaN and Infinity are not JSON: the header's decoder refuses them before any codec sees them.
+        ("int8", '{"scale":NaN,"offset":-1.0}', U8, "bad_header"),
+        ("int8", '{"scale":Infinity,"offset":-1.0}', U8, "bad_header"),
+        ("int8", '{"scale":1e999,"offset":-1.0}', U8, "bad_header"),
         ("int8", '{"scale":-0.5,"offset":-1.0}', U8, "bad_codec_params"),
         ("int8-channel", '{"scale":[0.5,0.5],"offset":[0,0]}', U8, "bad_codec_params"),
         ("topk:0.5", '{"k":3}', _topk_blob([0, 2, 5], [1, 2, 3]), None),
