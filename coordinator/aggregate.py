@@ -9,6 +9,7 @@ come back in the dtype the clients sent.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,8 @@ import numpy as np
 
 from coordinator.errors import AggregationError
 from edge_client.weights import NamedArray, TensorSpec, Weights
+
+log = logging.getLogger(__name__)
 
 
 def weighted_average(results: Sequence[tuple[Weights, int]]) -> Weights:
@@ -172,7 +175,7 @@ def check_finite(weights: Weights) -> None:
             raise AggregationError(f"tensor {name!r} contains NaN or Inf; the client's training diverged")
 
 
-def finish_or_keep(aggregation: Any, current: Weights) -> tuple[Weights, str | None]:
+def finish_or_keep(aggregation: Any, current: Weights, round_number: int) -> tuple[Weights, str | None]:
     """The round's new global model, or ``current`` and the reason when the aggregate is refused.
 
     A refused aggregate (non-finite, too few updates for a robust rule) ends
@@ -182,4 +185,5 @@ def finish_or_keep(aggregation: Any, current: Weights) -> tuple[Weights, str | N
     try:
         return aggregation.finish(), None
     except AggregationError as exc:
+        log.error("round %d: aggregate refused (%s); the global model stays as it was", round_number, exc)
         return current, str(exc)

@@ -235,13 +235,9 @@ class Coordinator:
     def _finish_round(self, started: float, bytes_in: int, bytes_out: int) -> None:
         open_, metrics = self._open, self._open.metrics
         t0 = time.perf_counter()
-        self.global_weights, metrics.aggregation_error = finish_or_keep(open_.aggregation, self.global_weights)
-        if metrics.aggregation_error is not None:
-            log.error(
-                "round %d: aggregate refused (%s); the global model stays as it was",
-                open_.number,
-                metrics.aggregation_error,
-            )
+        self.global_weights, metrics.aggregation_error = finish_or_keep(
+            open_.aggregation, self.global_weights, open_.number
+        )
         metrics.aggregate_seconds = time.perf_counter() - t0
         metrics.dp_epsilon = privacy_spent(self.strategy)
         t0 = time.perf_counter()

@@ -273,11 +273,7 @@ class FederatedProcess:
                 f"round {number}: no client sent a usable update ({metrics.rejected_reasons}); "
                 "lower the client learning rate if training diverged"
             )
-        weights, metrics.aggregation_error = finish_or_keep(aggregation, state.weights)
-        if metrics.aggregation_error is not None:
-            log.error(
-                "round %d: aggregate refused (%s); the global model stays as it was", number, metrics.aggregation_error
-            )
+        weights, metrics.aggregation_error = finish_or_keep(aggregation, state.weights, number)
         metrics.aggregate_seconds = time.perf_counter() - t0
         metrics.dp_epsilon = privacy_spent(self.strategy)
         t0 = time.perf_counter()

@@ -324,6 +324,6 @@ def test_finish_or_keep_returns_the_current_model_with_the_reason_of_a_refusal()
         def finish(self):
             return [NamedArray("w", np.zeros(3, np.float32))]
 
-    assert finish_or_keep(Refusing(), current) == (current, "would overflow")
-    weights, reason = finish_or_keep(Finishing(), current)
+    assert finish_or_keep(Refusing(), current, 3) == (current, "would overflow")
+    weights, reason = finish_or_keep(Finishing(), current, 3)
     assert reason is None and weights[0].array.tolist() == [0.0, 0.0, 0.0]

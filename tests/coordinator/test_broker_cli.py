@@ -101,6 +101,18 @@ def exe() -> str:
     return found
 
 
+def start_mosquitto_broker(exe: str, env: dict, port: int, output: int) -> subprocess.Popen:
+    """``litefed-broker --kind mosquitto`` in its own session, stdout and stderr to ``output`` (PIPE: text)."""
+    return subprocess.Popen(
+        [exe, "--kind", "mosquitto", "--port", str(port)],
+        env=env,
+        stdout=output,
+        stderr=output,
+        start_new_session=True,
+        text=True,
+    )
+
+
 def stop_group(proc: subprocess.Popen) -> None:
     """Teardown: never leave a pipeline behind, whatever the test did."""
     if proc.poll() is None:
@@ -149,14 +161,7 @@ def test_ctrl_c_on_a_pipeline_into_tee_stops_the_broker_and_cleans_up(exe, child
 def test_sigterm_and_sighup_stop_gracefully(exe, child_env, signum):
     env, tmpdir = child_env
     port = free_port()
-    broker = subprocess.Popen(
-        [exe, "--kind", "mosquitto", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-        text=True,
-    )
+    broker = start_mosquitto_broker(exe, env, port, subprocess.PIPE)
     try:
         assert broker.stdout.readline().strip() == f"mqtt://127.0.0.1:{port}"
         assert wait_until(lambda: accepts_tcp(port))
@@ -173,13 +178,7 @@ def test_sigterm_and_sighup_stop_gracefully(exe, child_env, signum):
 def test_mosquitto_dies_with_a_killed_litefed_broker(exe, child_env):
     env, tmpdir = child_env
     port = free_port()
-    broker = subprocess.Popen(
-        [exe, "--kind", "mosquitto", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    broker = start_mosquitto_broker(exe, env, port, subprocess.DEVNULL)
     try:
         assert wait_until(lambda: accepts_tcp(port)) and len(mosquittos_using(tmpdir)) == 1
         broker.kill()  # SIGKILL: no handler runs, nothing of ours cleans up
