@@ -66,8 +66,8 @@ if str(REPO_ROOT) not in sys.path:
 import numpy as np
 from scriptlib import machine, package_versions
 
-from coordinator.aggregate import StreamingAverage
-from coordinator.strategy import ClientUpdate, FedAvg
+from coordinator.strategies import ClientUpdate, FedAvg
+from coordinator.strategies.aggregate import StreamingAverage
 from edge_client.chunks import DEFAULT_MAX_CHUNK, Reassembler, split
 from edge_client.frames import Frame, decode_frame, encode_frame, validate_frame
 from edge_client.weights import NamedArray, TensorSpec

@@ -67,7 +67,7 @@ def command(row: str, args: argparse.Namespace) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "coordinator.simulate",
+        "coordinator.cli.simulate",
         *COMMON,
         "--partition",
         PARTITIONS[partition],

@@ -9,7 +9,7 @@ images) and writing the checkpoint.
 
 This script runs, as a subprocess, from the repository root::
 
-    python -m coordinator.emulate --clients N --rounds R --partition iid --out DIR \\
+    python -m coordinator.cli.emulate --clients N --rounds R --partition iid --out DIR \\
         --no-progress --round-timeout 300 --lr 0.05 [pass-through options]
 
 (the built-in MNIST CNN, converted on first use and cached in
@@ -107,7 +107,7 @@ def prepare_out(out: Path) -> None:
 
 def emulate_command(args, passthrough: list[str]) -> list[str]:
     return [
-        sys.executable, "-m", "coordinator.emulate",
+        sys.executable, "-m", "coordinator.cli.emulate",
         "--clients", str(args.clients),
         "--rounds", str(args.rounds),
         "--partition", args.partition,
@@ -375,11 +375,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p = argparse.ArgumentParser(
         prog="python scripts/bench_round_overhead.py",
         description=(
-            "Round overhead with N emulated clients: runs python -m coordinator.emulate (built-in MNIST CNN, "
+            "Round overhead with N emulated clients: runs python -m coordinator.cli.emulate (built-in MNIST CNN, "
             "bundled MNIST subset) and reports per round round_seconds, slowest_client_seconds, "
             "overhead = round - slowest client (split into aggregate, evaluate and the rest), bytes in/out and "
             "test accuracy, plus the median overhead over rounds 2..R. Options this script does not know are "
-            "passed on to coordinator.emulate (put them after --). Exits 0 when the emulation completed."
+            "passed on to coordinator.cli.emulate (put them after --). Exits 0 when the emulation completed."
         ),
         epilog=(
             "Examples (from the repository root): python scripts/bench_round_overhead.py; "

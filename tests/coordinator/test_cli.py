@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from coordinator import cli, emulate, simulate
+from coordinator.cli import coordinate, emulate, simulate
 from coordinator.plots import plot_rounds
 
 
@@ -37,7 +37,7 @@ def test_help_is_installed_and_explains_the_options(command, expected):
 
 def test_coordinator_reports_a_missing_model_and_exits_1(tmp_path, capsys):
     before = signal.getsignal(signal.SIGINT)
-    assert cli.main(["--model", str(tmp_path / "none.tflite"), "--out", str(tmp_path)]) == 1
+    assert coordinate.main(["--model", str(tmp_path / "none.tflite"), "--out", str(tmp_path)]) == 1
     assert signal.getsignal(signal.SIGINT) is before, "main() must give the caller its signal handler back"
     err = capsys.readouterr().err
     assert err.startswith("litefed-coordinator: error:") and "none.json" in err
@@ -54,7 +54,7 @@ def test_a_bad_partition_spec_is_one_line_listing_the_valid_forms(build, spec, c
         assert form in last
 
 
-PARSERS = {"litefed-coordinator": cli.build_parser, "litefed-emulate": emulate.build_parser,
+PARSERS = {"litefed-coordinator": coordinate.build_parser, "litefed-emulate": emulate.build_parser,
            "litefed-simulate": simulate.build_parser}  # fmt: skip
 
 
@@ -74,7 +74,7 @@ def test_help_states_the_default_of_every_option(command):
 def test_help_shows_the_strategy_classes_defaults():
     from coordinator.strategies import STRATEGIES
 
-    parser = cli.build_parser()
+    parser = coordinate.build_parser()
     args = parser.parse_args(["--model", "m.tflite"])
     signature = {name: inspect.signature(cls).parameters for name, cls in STRATEGIES.items()}
     assert args.server_momentum == signature["fedavgm"]["server_momentum"].default
@@ -90,10 +90,10 @@ def test_help_shows_the_strategy_classes_defaults():
 def test_help_imports_nothing_heavy():
     code = (
         "import sys\n"
-        "from coordinator import cli, emulate, simulate\n"
-        "for build in (cli.build_parser, emulate.build_parser, simulate.build_parser):\n"
+        "from coordinator.cli import coordinate, emulate, simulate\n"
+        "for build in (coordinate.build_parser, emulate.build_parser, simulate.build_parser):\n"
         "    build().format_help()\n"
-        "heavy = ('tensorflow', 'keras', 'ai_edge_litert', 'matplotlib', 'tqdm', 'paho', 'coordinator.server')\n"
+        "heavy = ('tensorflow', 'keras', 'ai_edge_litert', 'matplotlib', 'tqdm', 'paho', 'coordinator.service')\n"
         "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
@@ -111,7 +111,7 @@ def test_help_imports_nothing_heavy():
 )
 def test_strategy_that_cannot_work_is_a_usage_error(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["--model", "missing.tflite", *argv])
+        coordinate.main(["--model", "missing.tflite", *argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and re.search(message, err[-1]), err
 
@@ -120,21 +120,21 @@ def test_local_runs_check_the_trimmed_mean_against_the_clients():
     parser = simulate.build_parser()
     few = parser.parse_args(["--clients", "4", "--strategy", "trimmed-mean"])
     with pytest.raises(SystemExit):
-        cli.check_round_arguments(parser, few)
+        coordinate.check_round_arguments(parser, few)
     enough = parser.parse_args(["--clients", "5", "--strategy", "trimmed-mean"])
-    cli.check_round_arguments(parser, enough)  # 5 updates a round trim one from each end
+    coordinate.check_round_arguments(parser, enough)  # 5 updates a round trim one from each end
     assert (enough.min_fit, enough.min_available) == (5, 5)
 
 
 @pytest.mark.parametrize("codec", ["float32", "int8", "int8-channel", "topk:0.01", "topk16:0.1"])
 def test_codec_option_takes_every_registered_codec(codec):
-    assert cli.build_parser().parse_args(["--model", "m.tflite", "--codec", codec]).codec == codec
+    assert coordinate.build_parser().parse_args(["--model", "m.tflite", "--codec", codec]).codec == codec
 
 
 @pytest.mark.parametrize("codec", ["pickle", "topk:0", "topk:2"])
 def test_codec_option_refuses_unknown_codecs(codec, capsys):
     with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["--model", "m.tflite", "--codec", codec])
+        coordinate.build_parser().parse_args(["--model", "m.tflite", "--codec", codec])
     assert "unknown_codec" in capsys.readouterr().err
 
 
@@ -188,10 +188,10 @@ def test_accuracy_against_uploaded_bytes(tmp_path):
     ],
 )
 def test_strategy_options_build_the_named_strategy(argv, kind, attributes):
-    from coordinator.runner import make_strategy
-    from coordinator.strategy import RoundConfig
+    from coordinator.cli.wiring import make_strategy
+    from coordinator.strategies import RoundConfig
 
-    args = cli.build_parser().parse_args(["--model", "m.tflite", *argv])
+    args = coordinate.build_parser().parse_args(["--model", "m.tflite", *argv])
     strategy = make_strategy(args, RoundConfig(mu=args.mu or 0.0), None)
     assert type(strategy).__name__ == kind
     for name, value in attributes.items():
@@ -199,55 +199,55 @@ def test_strategy_options_build_the_named_strategy(argv, kind, attributes):
 
 
 def test_fedprox_sends_its_mu_to_clients():
-    from coordinator.runner import make_strategy
-    from coordinator.strategy import RoundConfig
+    from coordinator.cli.wiring import make_strategy
+    from coordinator.strategies import RoundConfig
 
-    args = cli.build_parser().parse_args(["--model", "m.tflite", "--strategy", "fedprox", "--mu", "0.3"])
+    args = coordinate.build_parser().parse_args(["--model", "m.tflite", "--strategy", "fedprox", "--mu", "0.3"])
     strategy = make_strategy(args, RoundConfig(mu=0.3), None)
     _, config = strategy.configure_round(1, ["a", "b"], np.random.default_rng(0))
     assert config.mu == pytest.approx(0.3)
 
 
 def test_lr_decay_reaches_the_round_config_of_any_strategy():
-    from coordinator.runner import make_strategy
-    from coordinator.strategy import RoundConfig
+    from coordinator.cli.wiring import make_strategy
+    from coordinator.strategies import RoundConfig
 
     for name in ("fedavg", "fedavgm", "fedyogi", "median"):
-        args = cli.build_parser().parse_args(["--model", "m.tflite", "--strategy", name, "--lr-decay", "0.5"])
+        args = coordinate.build_parser().parse_args(["--model", "m.tflite", "--strategy", name, "--lr-decay", "0.5"])
         strategy = make_strategy(args, RoundConfig(lr=0.1), None)
         _, config = strategy.configure_round(3, ["a", "b"], np.random.default_rng(0))
         assert config.lr == pytest.approx(0.025), name
 
 
 def test_krum_refuses_too_few_clients_with_a_clear_error():
+    from coordinator.cli.wiring import make_strategy
     from coordinator.errors import CoordinatorError
-    from coordinator.runner import make_strategy
-    from coordinator.strategy import RoundConfig
+    from coordinator.strategies import RoundConfig
 
-    args = cli.build_parser().parse_args(["--model", "m.tflite", "--strategy", "krum"])  # min-fit 2 < 2f+3
+    args = coordinate.build_parser().parse_args(["--model", "m.tflite", "--strategy", "krum"])  # min-fit 2 < 2f+3
     with pytest.raises(CoordinatorError, match="2f \\+ 3"):
         make_strategy(args, RoundConfig(), None)
 
 
 def test_dp_options_wrap_the_named_strategy(tabular):
-    from coordinator.privacy import DifferentialPrivacy
-    from coordinator.runner import build_strategy
+    from coordinator.cli.wiring import build_strategy
     from coordinator.strategies import FedAvgM
+    from coordinator.strategies.dp import DifferentialPrivacy
 
     argv = ["--model", "m", "--strategy", "fedavgm", "--dp-clip", "0.5", "--dp-noise", "1.2", "--dp-delta", "1e-6"]
-    args = cli.build_parser().parse_args(argv)
+    args = coordinate.build_parser().parse_args(argv)
     strategy = build_strategy(args, tabular.model_path)
     assert isinstance(strategy, DifferentialPrivacy) and isinstance(strategy.strategy, FedAvgM)
     assert (strategy.clip_norm, strategy.noise_multiplier, strategy.delta) == (0.5, 1.2, 1e-6)
-    plain = build_strategy(cli.build_parser().parse_args(["--model", "m"]), tabular.model_path)
+    plain = build_strategy(coordinate.build_parser().parse_args(["--model", "m"]), tabular.model_path)
     assert not isinstance(plain, DifferentialPrivacy)
 
 
 def test_no_held_out_set_is_said_not_silent(tabular, caplog):
-    from coordinator.runner import build_strategy
+    from coordinator.cli.wiring import build_strategy
 
-    with caplog.at_level("WARNING", logger="coordinator.runner"):
-        strategy = build_strategy(cli.build_parser().parse_args(["--model", "m"]), tabular.model_path)
+    with caplog.at_level("WARNING", logger="coordinator.cli.wiring"):
+        strategy = build_strategy(coordinate.build_parser().parse_args(["--model", "m"]), tabular.model_path)
     assert strategy.evaluate(1, []) is None
     assert "no held-out set" in caplog.text and "--test-data" in caplog.text
 
@@ -264,7 +264,7 @@ def test_no_held_out_set_is_said_not_silent(tabular, caplog):
 )
 def test_inconsistent_round_options_are_refused_before_anything_runs(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["--model", "missing.tflite", *argv])
+        coordinate.main(["--model", "missing.tflite", *argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 

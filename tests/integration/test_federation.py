@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 
 from coordinator.builtin_models import builtin_model
-from coordinator.emulate import start_clients, stop_clients, write_client_files
+from coordinator.cli.emulate import start_clients, stop_clients, write_client_files
 from coordinator.metrics import read_jsonl
-from coordinator.server import Coordinator, CoordinatorConfig
-from coordinator.strategy import FedAvg, RoundConfig
+from coordinator.service import Coordinator, CoordinatorConfig
+from coordinator.strategies import FedAvg, RoundConfig
 from edge_client.messages import Presence
 from edge_client.mqtt import MqttTransport
 from edge_client.topics import Topics
@@ -59,7 +59,7 @@ def without_tensorflow(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("broker", ["mosquitto", "amqtt"])
 def test_emulation_reaches_the_stated_accuracy(broker, model_cache, without_tensorflow, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "coordinator.emulate", "--clients", "4", "--rounds", "3", "--epochs", "2",
+    cmd = [sys.executable, "-m", "coordinator.cli.emulate", "--clients", "4", "--rounds", "3", "--epochs", "2",
            "--lr", "0.05", "--partition", "iid", "--broker", broker, "--round-timeout", "120",
            "--out", str(out), "--no-progress"]  # fmt: skip
     # No process of the federation may need TensorFlow: every one starts with the blocker.

@@ -13,10 +13,9 @@ import time
 
 import numpy as np
 
-from coordinator.server import Coordinator, CoordinatorConfig
-from coordinator.simulation import FederatedProcess, run_client_job
-from coordinator.strategies import FedAdam
-from coordinator.strategy import RoundConfig
+from coordinator.service import Coordinator, CoordinatorConfig
+from coordinator.simulator import FederatedProcess, run_client_job
+from coordinator.strategies import FedAdam, RoundConfig
 from edge_client.chunks import split
 from edge_client.messages import Ack, Presence, RoundAnnouncement
 from edge_client.runtime import TrainableModel

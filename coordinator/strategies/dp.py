@@ -33,9 +33,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from coordinator.aggregate import StreamingAverage
 from coordinator.errors import CoordinatorError
-from coordinator.strategy import Aggregation, ClientUpdate, RoundConfig, Strategy, config_for_round
+from coordinator.strategies.aggregate import StreamingAverage
+from coordinator.strategies.base import Aggregation, ClientUpdate, RoundConfig, Strategy
 from edge_client.weights import NamedArray, Weights
 
 __all__ = ["DifferentialPrivacy", "clip_update", "epsilon_spent", "update_norm"]
@@ -121,7 +121,7 @@ class _PrivateAggregation:
         return self._result
 
 
-class DifferentialPrivacy:
+class DifferentialPrivacy(Strategy):
     """Central client-level DP around ``strategy``: clip each update, noise the mean.
 
     ``noise_multiplier`` 0 gives clipping only (no privacy guarantee, epsilon
@@ -160,10 +160,10 @@ class DifferentialPrivacy:
 
     @property
     def round_config(self) -> RoundConfig:
-        return getattr(self.strategy, "round_config", RoundConfig())
+        return self.strategy.config_for_round(1)
 
     def config_for_round(self, server_round: int) -> RoundConfig:
-        return config_for_round(self.strategy, server_round)
+        return self.strategy.config_for_round(server_round)
 
     def configure_round(
         self, server_round: int, available: Sequence[str], rng: np.random.Generator
@@ -203,7 +203,7 @@ class DifferentialPrivacy:
 
     # -- checkpoints ------------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
-        inner = self.strategy.state_dict() if hasattr(self.strategy, "state_dict") else {}
+        inner = self.strategy.state_dict()
         return {**inner, _STATE_KEY: np.asarray(self._rates, np.float64)}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
@@ -211,6 +211,5 @@ class DifferentialPrivacy:
         rates = np.asarray(state.pop(_STATE_KEY, np.zeros(0)), np.float64)
         if rates.ndim != 1 or not np.all((rates > 0) & (rates <= 1)):
             raise CoordinatorError("checkpoint: the DP sampling-rate history is malformed")
-        if hasattr(self.strategy, "load_state_dict"):
-            self.strategy.load_state_dict(state)  # an empty state resets it, as FederatedProcess.next expects
+        self.strategy.load_state_dict(state)  # an empty state resets it, as FederatedProcess.next expects
         self._rates = [float(r) for r in rates]

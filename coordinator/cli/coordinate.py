@@ -305,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_round_arguments(parser, args)
     setup_logging(args.verbose)
+    from coordinator.cli.wiring import build_coordinator, run_with_progress
     from coordinator.errors import CoordinatorError
-    from coordinator.runner import build_coordinator, run_with_progress
     from edge_client.errors import EdgeClientError
 
     stop = threading.Event()

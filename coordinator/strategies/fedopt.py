@@ -1,8 +1,8 @@
-"""Server optimisers built on :class:`~coordinator.strategy.FedAvg`.
+"""Server optimisers built on :class:`~coordinator.strategies.base.FedAvg`.
 
 Every strategy here selects clients and configures rounds exactly as
 :class:`FedAvg` does (it *is* a FedAvg subclass) and folds client deltas
-into the same :class:`~coordinator.aggregate.StreamingAverage`, so memory
+into the same :class:`~coordinator.strategies.aggregate.StreamingAverage`, so memory
 stays O(model). Only what happens to the averaged delta
 
     Δ = Σ_k n_k Δ_k / Σ_k n_k
@@ -35,12 +35,13 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.aggregate import StreamingAverage, apply_delta
 from coordinator.errors import AggregationError, CoordinatorError
-from coordinator.strategy import Aggregation, ClientUpdate, FedAvg, RoundConfig
+from coordinator.strategies.aggregate import StreamingAverage, apply_delta
+from coordinator.strategies.base import Aggregation, ClientUpdate, RoundConfig
+from coordinator.strategies.fedavg import FedAvg
 from edge_client.weights import NamedArray, Weights
 
-__all__ = ["STRATEGIES", "FedAdagrad", "FedAdam", "FedAvgM", "FedOpt", "FedProx", "FedYogi"]
+__all__ = ["FedAdagrad", "FedAdam", "FedAvgM", "FedOpt", "FedProx", "FedYogi"]
 
 State = list[np.ndarray]
 
@@ -334,23 +335,3 @@ def _check_unit_interval(name: str, value: float) -> None:
     _check_finite_number(name, value)
     if not 0 <= value < 1:
         raise CoordinatorError(f"{name} must be in [0, 1), got {value}")
-
-
-def _strategies() -> dict[str, type[FedAvg]]:
-    from coordinator.robust import FedMedian, FedTrimmedAvg, Krum  # robust builds on strategy, not on this module
-
-    return {
-        "fedavg": FedAvg,
-        "fedavgm": FedAvgM,
-        "fedadagrad": FedAdagrad,
-        "fedadam": FedAdam,
-        "fedyogi": FedYogi,
-        "fedprox": FedProx,
-        "median": FedMedian,
-        "trimmed-mean": FedTrimmedAvg,
-        "krum": Krum,
-    }
-
-
-STRATEGIES: dict[str, type[FedAvg]] = _strategies()
-"""The strategies ``--strategy`` offers, by name; each class holds its own defaults."""

@@ -1,76 +1,17 @@
-"""Strategies: how a round is configured and how its updates become a new model.
-
-A strategy is a small object with three hooks, shared by the MQTT
-coordinator and (later) the in-process simulator, so the same strategy
-gives the same result whichever way the updates arrived:
-
-- :meth:`Strategy.configure_round` picks the clients and the round's
-  hyper-parameters;
-- :meth:`Strategy.begin_aggregation` returns an :class:`Aggregation` that
-  folds in updates one at a time (memory O(model), not O(clients x model))
-  and finally yields the new global weights;
-- :meth:`Strategy.evaluate` optionally scores the global weights.
-
-Clients send deltas (``local - global``); strategies aggregate deltas.
-"""
+"""FedAvg: the strategy every other built-in one builds on."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from coordinator.aggregate import StreamingAverage, apply_delta
 from coordinator.errors import CoordinatorError
+from coordinator.strategies.aggregate import StreamingAverage, apply_delta
+from coordinator.strategies.base import Aggregation, ClientUpdate, RoundConfig, Strategy
 from edge_client.weights import Weights
-
-
-@dataclass(frozen=True)
-class RoundConfig:
-    """What the selected clients are asked to do in one round."""
-
-    epochs: int = 1
-    lr: float = 0.01
-    mu: float = 0.0
-    codec: str = "float32"
-
-
-@dataclass(frozen=True)
-class ClientUpdate:
-    """One accepted update: the client's delta, its example count and train metrics."""
-
-    client_id: str
-    delta: Weights
-    num_examples: int
-    metrics: Mapping[str, float] = field(default_factory=dict)
-
-
-class Aggregation(Protocol):
-    """Folds in the accepted updates of one round."""
-
-    def add(self, update: ClientUpdate) -> None: ...
-
-    @property
-    def count(self) -> int: ...
-
-    def finish(self) -> Weights: ...
-
-
-class Strategy(Protocol):
-    min_fit: int
-    min_available: int
-
-    def configure_round(
-        self, server_round: int, available: Sequence[str], rng: np.random.Generator
-    ) -> tuple[list[str], RoundConfig]: ...
-
-    def begin_aggregation(self, server_round: int, global_weights: Weights) -> Aggregation: ...
-
-    def evaluate(self, server_round: int, weights: Weights) -> dict[str, float] | None: ...
 
 
 class _FedAvgAggregation:
@@ -91,7 +32,7 @@ class _FedAvgAggregation:
         return apply_delta(self._global, self._average.result(), self._server_lr)
 
 
-class FedAvg:
+class FedAvg(Strategy):
     """Weighted FedAvg (McMahan et al. 2017) over client deltas.
 
     ``fraction_fit`` of the available clients are sampled each round (at
@@ -115,7 +56,7 @@ class FedAvg:
         fraction_fit: float = 1.0,
         min_fit: int = 1,
         min_available: int = 1,
-        round_config: RoundConfig = RoundConfig(),
+        round_config: RoundConfig | None = None,
         server_lr: float | None = None,
         evaluate_fn: Callable[[Weights], dict[str, float]] | None = None,
         lr_decay: float = 1.0,
@@ -129,7 +70,8 @@ class FedAvg:
         self.lr_decay = lr_decay
         self.fraction_fit, self.min_fit, self.min_available = fraction_fit, min_fit, min_available
         self.server_lr = type(self).DEFAULT_SERVER_LR if server_lr is None else server_lr
-        self.round_config, self._evaluate_fn = round_config, evaluate_fn
+        self.round_config = RoundConfig() if round_config is None else round_config
+        self._evaluate_fn = evaluate_fn
 
     def configure_round(
         self, server_round: int, available: Sequence[str], rng: np.random.Generator
@@ -150,17 +92,3 @@ class FedAvg:
 
     def evaluate(self, server_round: int, weights: Weights) -> dict[str, float] | None:
         return None if self._evaluate_fn is None else self._evaluate_fn(weights)
-
-
-def config_for_round(strategy: Strategy, server_round: int) -> RoundConfig:
-    """The round config a strategy would announce for ``server_round``, without sampling clients."""
-    schedule = getattr(strategy, "config_for_round", None)
-    if schedule is not None:
-        return schedule(server_round)
-    return getattr(strategy, "round_config", RoundConfig())
-
-
-def privacy_spent(strategy: Strategy) -> float | None:
-    """Epsilon spent so far by a differentially private strategy; None for the others."""
-    spent = getattr(strategy, "privacy_spent", None)
-    return None if spent is None else spent()

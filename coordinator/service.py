@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.aggregate import finish_or_keep
 from coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from coordinator.errors import AggregationError, CoordinatorError
 from coordinator.metrics import RoundMetrics, append_jsonl
-from coordinator.strategy import Aggregation, ClientUpdate, Strategy, privacy_spent
+from coordinator.strategies import Aggregation, ClientUpdate, Strategy
+from coordinator.strategies.aggregate import finish_or_keep
 from edge_client.chunks import DEFAULT_MAX_CHUNK, Reassembler, split
 from edge_client.errors import ProtocolError
 from edge_client.frames import Frame, decode_frame, encode_frame, validate_frame
@@ -239,7 +239,7 @@ class Coordinator:
             open_.aggregation, self.global_weights, open_.number
         )
         metrics.aggregate_seconds = time.perf_counter() - t0
-        metrics.dp_epsilon = privacy_spent(self.strategy)
+        metrics.dp_epsilon = self.strategy.privacy_spent()
         t0 = time.perf_counter()
         scores = self.strategy.evaluate(open_.number, self.global_weights) or {}
         metrics.evaluate_seconds = time.perf_counter() - t0
@@ -386,7 +386,7 @@ class Coordinator:
         return len(chunks)
 
     def _checkpoint(self) -> Checkpoint:
-        state = self.strategy.state_dict() if hasattr(self.strategy, "state_dict") else {}
+        state = self.strategy.state_dict()
         return Checkpoint(self.completed_round, self.model_sha256, self.global_weights, state, self.run_id)
 
     def _restore(self) -> bool:
@@ -397,7 +397,7 @@ class Coordinator:
         if checkpoint is None:
             return False
         self.global_weights, self.completed_round = checkpoint.weights, checkpoint.completed_round
-        if checkpoint.strategy_state and hasattr(self.strategy, "load_state_dict"):
+        if checkpoint.strategy_state:
             self.strategy.load_state_dict(checkpoint.strategy_state)  # e.g. FedAdam's moments
         if checkpoint.run_id:
             self.run_id = checkpoint.run_id

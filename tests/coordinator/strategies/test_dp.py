@@ -12,9 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coordinator.errors import CoordinatorError
-from coordinator.privacy import DifferentialPrivacy, clip_update, epsilon_spent, update_norm
-from coordinator.strategies import FedAdam
-from coordinator.strategy import ClientUpdate, FedAvg
+from coordinator.strategies import ClientUpdate, FedAdam, FedAvg
+from coordinator.strategies.dp import DifferentialPrivacy, clip_update, epsilon_spent, update_norm
 from edge_client.weights import NamedArray
 
 SHAPES = {"kernel": (4, 3), "bias": (3,)}
@@ -163,9 +162,9 @@ def test_a_malformed_checkpointed_history_is_refused():
 
 
 def test_the_wrapper_announces_the_wrapped_strategys_decayed_lr():
-    from coordinator.strategy import RoundConfig, config_for_round
+    from coordinator.strategies import RoundConfig
 
     decayed = FedAvg(round_config=RoundConfig(lr=0.2), lr_decay=0.5)
     private = DifferentialPrivacy(decayed, clip_norm=1.0, noise_multiplier=0.0)
     _, config = private.configure_round(3, ["a", "b"], np.random.default_rng(0))
-    assert config.lr == pytest.approx(0.05) and config_for_round(private, 3).lr == pytest.approx(0.05)
+    assert config.lr == pytest.approx(0.05) and private.config_for_round(3).lr == pytest.approx(0.05)

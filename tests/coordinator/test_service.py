@@ -18,8 +18,8 @@ import pytest
 from coordinator.checkpoint import load_checkpoint
 from coordinator.errors import CoordinatorError
 from coordinator.metrics import read_jsonl
-from coordinator.server import Coordinator, CoordinatorConfig
-from coordinator.strategy import FedAvg, RoundConfig
+from coordinator.service import Coordinator, CoordinatorConfig
+from coordinator.strategies import FedAvg, RoundConfig
 from edge_client.chunks import Reassembler, split
 from edge_client.frames import Frame, decode_frame, encode_frame
 from edge_client.messages import UNNAMED_RUN, Ack, ModelMeta, Presence, RoundAnnouncement, is_run_id
@@ -293,7 +293,7 @@ def test_clients_without_usable_data_are_not_selected(tabular, model_path, tmp_p
 
 
 def test_too_few_updates_retry_the_round_and_say_whom_it_asks(tabular, model_path, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="coordinator.server")
+    caplog.set_level(logging.INFO, logger="coordinator.service")
     broker = InMemoryBroker()
     first, lost = FakeClient(broker, "pi-0"), FakeClient(broker, "pi-1")
     strategy = FedAvg(min_fit=2, min_available=2)
@@ -368,7 +368,7 @@ def test_a_restarted_coordinator_gets_its_server_optimizer_state_back(tabular, m
     client.wait_for(lambda: client.rounds)
     client.send(_update(tabular, "pi-0", 1, _delta(tabular, 9), 10))
     assert running.join() is None
-    saved = running.coordinator.strategy.state_dict()
+    saved = running.coordinator.strategies.base.state_dict()
     assert saved and all(np.any(v != 0) for k, v in saved.items() if k.startswith("m/"))
 
     restarted = _coordinator(InMemoryBroker(), model_path, tmp_path, FedAdam(min_fit=1, min_available=1))
@@ -394,7 +394,7 @@ def test_waiting_too_long_for_clients_is_a_clear_error(model_path, tmp_path):
 
 
 def test_a_private_round_clips_each_update_and_reports_epsilon(tabular, model_path, tmp_path):
-    from coordinator.privacy import DifferentialPrivacy, update_norm
+    from coordinator.strategies.dp import DifferentialPrivacy, update_norm
 
     broker = InMemoryBroker()
     clients = [FakeClient(broker, f"pi-{i}") for i in range(3)]

@@ -4,7 +4,7 @@ Every virtual client trains with :func:`edge_client.training.train_local` on
 the converted ``.tflite`` and encodes its update with
 :func:`edge_client.training.encode_update`, exactly as a board does; the
 server side decodes and validates the frame and hands it to the same
-:class:`~coordinator.strategy.Strategy` object the MQTT coordinator uses.
+:class:`~coordinator.strategies.base.Strategy` object the MQTT coordinator uses.
 Only the transport is missing, so the byte counts are frame bytes (the MQTT
 chunk headers, 33 bytes per 96 KiB chunk, are not counted).
 
@@ -43,19 +43,17 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.aggregate import finish_or_keep
 from coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from coordinator.errors import AggregationError, CoordinatorError
 from coordinator.metrics import RoundMetrics, append_jsonl
-from coordinator.strategy import (
+from coordinator.strategies import (
     Aggregation,
     ClientUpdate,
     FedAvg,
     RoundConfig,
     Strategy,
-    config_for_round,
-    privacy_spent,
 )
+from coordinator.strategies.aggregate import finish_or_keep
 from edge_client.error_feedback import ErrorFeedback
 from edge_client.errors import ProtocolError, WeightsError
 from edge_client.frames import Frame, decode_frame, encode_frame, validate_frame
@@ -257,9 +255,8 @@ class FederatedProcess:
         if not datasets:
             raise CoordinatorError("next() needs at least one client dataset")
         number = state.round + 1
-        config = config or config_for_round(self.strategy, number)
-        if hasattr(self.strategy, "load_state_dict"):
-            self.strategy.load_state_dict(dict(state.strategy_state))
+        config = config or self.strategy.config_for_round(number)
+        self.strategy.load_state_dict(dict(state.strategy_state))
         jobs = self.client_jobs(state, datasets, config)
         metrics = RoundMetrics(round=number, clients_selected=len(jobs), client_lr=config.lr)
         metrics.bytes_out = sum(len(job.global_frame) for job in jobs)  # what the selected devices download
@@ -275,7 +272,7 @@ class FederatedProcess:
             )
         weights, metrics.aggregation_error = finish_or_keep(aggregation, state.weights, number)
         metrics.aggregate_seconds = time.perf_counter() - t0
-        metrics.dp_epsilon = privacy_spent(self.strategy)
+        metrics.dp_epsilon = self.strategy.privacy_spent()
         t0 = time.perf_counter()
         scores = self.strategy.evaluate(number, weights) or {}
         metrics.evaluate_seconds = time.perf_counter() - t0
@@ -369,7 +366,7 @@ def _client_index(client_id: str, fallback: int) -> int:
 
 
 def _state_of(strategy: Strategy) -> dict[str, np.ndarray]:
-    return strategy.state_dict() if hasattr(strategy, "state_dict") else {}
+    return strategy.state_dict()
 
 
 # -- whole runs ------------------------------------------------------------------------
@@ -470,7 +467,7 @@ class Simulation:
         if checkpoint is None:
             return None
         try:
-            if checkpoint.strategy_state and hasattr(self.strategy, "load_state_dict"):
+            if checkpoint.strategy_state:
                 self.strategy.load_state_dict(checkpoint.strategy_state)  # validates it
         except (CoordinatorError, WeightsError, ValueError) as exc:
             raise CoordinatorError(

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.aggregate import StreamingAverage, apply_delta, finish_or_keep, weighted_average
 from coordinator.errors import AggregationError
+from coordinator.strategies.aggregate import StreamingAverage, apply_delta, finish_or_keep, weighted_average
 from edge_client.weights import NamedArray
 
 LAYOUT = (("conv/kernel", (3, 3, 1, 4)), ("conv/bias", (4,)), ("dense/kernel", (36, 10)), ("dense/bias", (10,)))

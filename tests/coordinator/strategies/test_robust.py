@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coordinator.errors import AggregationError, CoordinatorError
-from coordinator.robust import (
+from coordinator.strategies import ClientUpdate, FedAvg
+from coordinator.strategies.robust import (
     FedMedian,
     FedTrimmedAvg,
     Krum,
@@ -19,7 +20,6 @@ from coordinator.robust import (
     min_trimmed_updates,
     trimmed_mean,
 )
-from coordinator.strategy import ClientUpdate, FedAvg
 from edge_client.weights import NamedArray
 
 LAYOUT = (("conv/kernel", (2, 2, 1, 3)), ("conv/bias", (3,)), ("dense/kernel", (4, 2)), ("dense/bias", (2,)))

@@ -16,10 +16,9 @@ from coordinator.errors import CoordinatorError
 from coordinator.evaluation import ServerEvaluator
 from coordinator.metrics import read_jsonl
 from coordinator.partition import iid
-from coordinator.privacy import DifferentialPrivacy
-from coordinator.simulation import FederatedProcess, Simulation, SimulationConfig, build_fedavg_process
-from coordinator.strategies import FedAdam
-from coordinator.strategy import FedAvg, RoundConfig
+from coordinator.simulator import FederatedProcess, Simulation, SimulationConfig, build_fedavg_process
+from coordinator.strategies import FedAdam, FedAvg, RoundConfig
+from coordinator.strategies.dp import DifferentialPrivacy
 from edge_client.frames import decode_frame
 from tests.helpers import REPO_ROOT, separable_binary_data
 
@@ -69,7 +68,7 @@ def test_textbook_fedavg_is_the_weighted_mean_of_the_clients_models(tabular):
 
 
 def _run(tabular, job):
-    from coordinator.simulation import run_client_job
+    from coordinator.simulator import run_client_job
 
     return run_client_job(tabular.runtime(), job)
 
@@ -195,7 +194,7 @@ def test_cli_runs_resumes_and_plots(tabular, tmp_path):
     data = tmp_path / "data.npz"
     np.savez(data, x_train=x[:200], y_train=y[:200], x_test=x[200:], y_test=y[200:])
     out = tmp_path / "run"
-    base = [sys.executable, "-m", "coordinator.simulate", "--model", str(tabular.model_path), "--data", str(data),
+    base = [sys.executable, "-m", "coordinator.cli.simulate", "--model", str(tabular.model_path), "--data", str(data),
             "--clients", "4", "--workers", "0", "--lr", "0.05", "--out", str(out), "--no-progress"]  # fmt: skip
 
     def run(*extra):
@@ -219,11 +218,11 @@ def test_cli_runs_resumes_and_plots(tabular, tmp_path):
 
 def test_cli_errors_are_one_line(tabular, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "coordinator.simulate", "--model", str(tabular.model_path), "--data", "nope.npz",
+        [sys.executable, "-m", "coordinator.cli.simulate", "--model", str(tabular.model_path), "--data", "nope.npz",
          "--out", str(tmp_path)], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
     )  # fmt: skip
     assert proc.returncode == 1 and "litefed-simulate: error:" in proc.stderr and "nope.npz" in proc.stderr
-    cmd = [sys.executable, "-m", "coordinator.simulate", "--dp-noise", "1", "--model", str(tabular.model_path)]
+    cmd = [sys.executable, "-m", "coordinator.cli.simulate", "--dp-noise", "1", "--model", str(tabular.model_path)]
     bad = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert bad.returncode == 2 and "--dp-noise needs --dp-clip" in bad.stderr
 

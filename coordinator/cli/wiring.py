@@ -1,7 +1,7 @@
 """Wiring for the command lines: build a coordinator or a strategy from options
 and run it with a progress bar, and the set-up and report that the local runs
 (``litefed-emulate`` and ``litefed-simulate``) share. Kept apart from
-:mod:`coordinator.cli` so that ``--help`` stays light."""
+:mod:`coordinator.cli.coordinate` so that ``--help`` stays light."""
 
 from __future__ import annotations
 
@@ -18,16 +18,15 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from coordinator.builtin_models import builtin_model
-from coordinator.cli import fill_local_round_sizes, strategy_options
+from coordinator.cli.coordinate import fill_local_round_sizes, strategy_options
 from coordinator.datasets import load_test_set, load_training_data
 from coordinator.errors import CoordinatorError
 from coordinator.evaluation import ServerEvaluator
 from coordinator.metrics import RoundMetrics, read_jsonl
 from coordinator.plots import plot_rounds
-from coordinator.privacy import DifferentialPrivacy
-from coordinator.server import Coordinator, CoordinatorConfig
-from coordinator.strategies import STRATEGIES
-from coordinator.strategy import RoundConfig, Strategy
+from coordinator.service import Coordinator, CoordinatorConfig
+from coordinator.strategies import STRATEGIES, RoundConfig, Strategy
+from coordinator.strategies.dp import DifferentialPrivacy
 from edge_client.manifest import load_manifest, manifest_path_for
 from edge_client.transport import Transport
 

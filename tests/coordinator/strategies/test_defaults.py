@@ -12,7 +12,7 @@ every round, scored on 500 bundled test images.
 Every strategy must clear THRESHOLD, far above chance (0.1) and well below
 what each reached when measured (see the constants). The strategies that
 aggregate by averaging must also stay within MARGIN of FedAvg on the same
-run. The robust aggregators of :mod:`coordinator.robust` discard most of
+run. The robust aggregators of :mod:`coordinator.strategies.robust` discard most of
 each non-IID round by design (Krum applies a single client's update), so
 three rounds leave them further behind; for them the threshold is the test.
 A strategy added to ``STRATEGIES`` is covered automatically, since the names
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator import cli, simulate
+from coordinator.cli import coordinate, simulate
 from coordinator.datasets import load_bundled_mnist
 from coordinator.strategies import STRATEGIES
 
@@ -59,8 +59,8 @@ def data_files(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def final_accuracy(mnist_cnn, data_files) -> Callable[[str], float]:
     """``name -> test accuracy after the last round`` of the job, each strategy run once per module."""
-    from coordinator.runner import build_strategy, prepare_local_federation
-    from coordinator.simulation import Simulation, SimulationConfig
+    from coordinator.cli.wiring import build_strategy, prepare_local_federation
+    from coordinator.simulator import Simulation, SimulationConfig
 
     done: dict[str, float] = {}
 
@@ -71,7 +71,7 @@ def final_accuracy(mnist_cnn, data_files) -> Callable[[str], float]:
             argv = ["--model", str(mnist_cnn.model_path), "--data", str(train), "--test-data", str(test), *JOB]
             argv += ["--strategy", name]
             args: argparse.Namespace = parser.parse_args(argv)
-            cli.check_round_arguments(parser, args)
+            coordinate.check_round_arguments(parser, args)
             x, y, parts = prepare_local_federation(args)
             strategy = build_strategy(args, Path(args.model), dp_seed=args.seed, eval_threads=1)
             datasets = {f"client-{i:03d}": (x[idx], y[idx]) for i, idx in enumerate(parts)}
@@ -88,5 +88,5 @@ def final_accuracy(mnist_cnn, data_files) -> Callable[[str], float]:
 def test_every_strategy_learns_with_its_defaults(name, final_accuracy):
     accuracy, fedavg = final_accuracy(name), final_accuracy("fedavg")
     assert accuracy >= THRESHOLD, f"{name}: test accuracy {accuracy:.3f} < {THRESHOLD} after 3 rounds"
-    if STRATEGIES[name].__module__ != "coordinator.robust":
+    if STRATEGIES[name].__module__ != "coordinator.strategies.robust":
         assert accuracy >= fedavg - MARGIN, f"{name}: {accuracy:.3f} is far below FedAvg's {fedavg:.3f}"

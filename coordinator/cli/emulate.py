@@ -44,7 +44,7 @@ class ClientProcess:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from coordinator.cli import add_local_federation_arguments, add_round_arguments
+    from coordinator.cli.coordinate import add_local_federation_arguments, add_round_arguments
 
     p = argparse.ArgumentParser(
         prog="litefed-emulate",
@@ -132,7 +132,7 @@ def _watch_clients(clients: list[ClientProcess], stop: threading.Event, done: th
 
 
 def main(argv: list[str] | None = None) -> int:
-    from coordinator.cli import check_round_arguments, make_transport, setup_logging, signal_handlers
+    from coordinator.cli.coordinate import check_round_arguments, make_transport, setup_logging, signal_handlers
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _emulate(args: argparse.Namespace, stop: threading.Event, make_transport) -> int:
     from coordinator.broker import EmbeddedBroker
+    from coordinator.cli.wiring import build_coordinator, prepare_local_federation, report_local_run, run_with_progress
     from coordinator.errors import CoordinatorError
-    from coordinator.runner import build_coordinator, prepare_local_federation, report_local_run, run_with_progress
     from edge_client.errors import EdgeClientError
 
     started = time.monotonic()

@@ -4,7 +4,7 @@ FedAvg's mean lets a single client move the global model arbitrarily far.
 The aggregators here bound what a minority of bad updates can do, at a
 price: they need **every** update of the round at once, so memory is
 O(clients x model) rather than the O(model) of
-:class:`~coordinator.aggregate.StreamingAverage`.
+:class:`~coordinator.strategies.aggregate.StreamingAverage`.
 
 Pure functions over ``(weights, num_examples)`` pairs:
 
@@ -19,7 +19,7 @@ statistics), and Krum ignores them unless asked to weight the average of
 the selected updates. Counts are still validated (positive ints).
 
 Strategies :class:`FedMedian`, :class:`FedTrimmedAvg` and :class:`Krum`
-are :class:`~coordinator.strategy.FedAvg` (same selection and round
+are :class:`~coordinator.strategies.base.FedAvg` (same selection and round
 config) whose aggregation buffers the round's deltas and returns
 ``global + server_lr * robust(deltas)``.
 
@@ -34,9 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.aggregate import apply_delta, check_finite, check_num_examples, check_same_layout, layout_of
 from coordinator.errors import AggregationError, CoordinatorError
-from coordinator.strategy import Aggregation, ClientUpdate, FedAvg
+from coordinator.strategies.aggregate import apply_delta, check_finite, check_num_examples, check_same_layout, layout_of
+from coordinator.strategies.base import Aggregation, ClientUpdate
+from coordinator.strategies.fedavg import FedAvg
 from edge_client.weights import NamedArray, TensorSpec, Weights
 
 __all__ = ["FedMedian", "FedTrimmedAvg", "Krum", "coordinate_median", "krum", "min_trimmed_updates", "trimmed_mean"]

@@ -32,7 +32,7 @@ depend only on --seed, not on --workers.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from coordinator.cli import add_local_federation_arguments, add_round_arguments
+    from coordinator.cli.coordinate import add_local_federation_arguments, add_round_arguments
 
     p = argparse.ArgumentParser(
         prog="litefed-simulate",
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from coordinator.cli import check_round_arguments, setup_logging, signal_handlers
+    from coordinator.cli.coordinate import check_round_arguments, setup_logging, signal_handlers
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -81,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _simulate(args: argparse.Namespace, stop: threading.Event) -> int:
+    from coordinator.cli.wiring import build_strategy, prepare_local_federation, report_local_run, round_progress
     from coordinator.errors import CoordinatorError
-    from coordinator.runner import build_strategy, prepare_local_federation, report_local_run, round_progress
-    from coordinator.simulation import Simulation, SimulationConfig
+    from coordinator.simulator import Simulation, SimulationConfig
     from edge_client.errors import EdgeClientError
 
     started = time.monotonic()

@@ -1,0 +1,1 @@
+"""The command lines of the coordinator side: litefed-coordinator, -emulate and -simulate."""
