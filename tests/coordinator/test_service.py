@@ -368,7 +368,7 @@ def test_a_restarted_coordinator_gets_its_server_optimizer_state_back(tabular, m
     client.wait_for(lambda: client.rounds)
     client.send(_update(tabular, "pi-0", 1, _delta(tabular, 9), 10))
     assert running.join() is None
-    saved = running.coordinator.strategies.base.state_dict()
+    saved = running.coordinator.strategy.state_dict()
     assert saved and all(np.any(v != 0) for k, v in saved.items() if k.startswith("m/"))
 
     restarted = _coordinator(InMemoryBroker(), model_path, tmp_path, FedAdam(min_fit=1, min_available=1))
