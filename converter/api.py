@@ -49,7 +49,7 @@ class ConvertConfig:
     verify: bool = True
     verify_steps: int = 3
     tolerance: float = 1e-4
-    seed: int = 0
+    seed: int = 0  # verification batches, and the initial weights of a model built from a SPEC
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -261,6 +261,9 @@ def convert(
 ) -> ConvertedModel:
     """Load ``model`` if it is a SPEC, convert, verify and write OUT.tflite + OUT.json."""
     if isinstance(model, str):
+        # A ``file.py:function`` SPEC builds the model here: seeding first makes its initial
+        # weights (and so every federation started from them) the same on every conversion.
+        keras.utils.set_random_seed(config.seed)
         model = load_model(model)
     converted = convert_model(model, config, log)
     model_path, manifest_path = converted.save(output)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from edge_client import errors as _edge_errors
 
-class ConverterError(Exception):
+
+class ConverterError(_edge_errors.LitefedError):
     """Base class for every error raised by :mod:`converter`."""
 
 
@@ -19,14 +21,9 @@ class VerificationError(ConverterError):
     """The converted model is not builtin-only or does not match TensorFlow."""
 
 
-class MissingExtraError(ConverterError, ImportError):
+class MissingExtraError(ConverterError, _edge_errors.MissingExtraError):
     """A package of an extra is not installed: TensorFlow, on an ``edge``-only install.
 
-    Also an :class:`ImportError`, which is what it replaces. The message is one
+    Also an :class:`ImportError`, which is what it replaces; the message is one
     line naming the ``pip install`` that fixes it.
     """
-
-    def __init__(self, subject: str, package: str, extra: str):
-        super().__init__(f"{subject} needs {package}: pip install 'litefed[{extra}]'")
-        self.package = package
-        self.extra = extra

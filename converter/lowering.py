@@ -14,21 +14,6 @@ import numpy as np
 from converter import ops
 from converter.errors import UnsupportedModelError
 
-SUPPORTED_LAYERS = (
-    "InputLayer",
-    "Dense",
-    "Conv2D",
-    "MaxPooling2D",
-    "AveragePooling2D",
-    "Flatten",
-    "Reshape",
-    "Dropout",
-    "Rescaling",
-    "Activation",
-    "ReLU",
-    "Softmax",
-)
-
 
 def _unsupported(layer: keras.layers.Layer, why: str) -> UnsupportedModelError:
     return UnsupportedModelError(
@@ -130,6 +115,9 @@ _LOWERINGS: dict[str, Callable[[keras.layers.Layer], list[ops.Op]]] = {
     "ReLU": _lower_relu,
     "Softmax": _lower_softmax,
 }
+
+SUPPORTED_LAYERS: tuple[str, ...] = tuple(_LOWERINGS)
+"""The Keras layer types litefed lowers, read from the lowering table so the two cannot drift apart."""
 
 
 def sequential_layers(model: keras.Model) -> list[keras.layers.Layer]:

@@ -6,8 +6,32 @@ Every message says what went wrong and what the user can do about it.
 from __future__ import annotations
 
 
-class EdgeClientError(Exception):
+class LitefedError(Exception):
+    """The root of every error litefed raises on purpose, in all three packages.
+
+    ``except LitefedError`` catches :class:`EdgeClientError`,
+    ``coordinator.errors.CoordinatorError`` and
+    ``converter.errors.ConverterError``; anything else escaping litefed is a bug.
+    It lives here because ``edge_client`` is the package the other two build on.
+    """
+
+
+class EdgeClientError(LitefedError):
     """Base class for every error raised by :mod:`edge_client`."""
+
+
+class MissingExtraError(LitefedError, ImportError):
+    """A feature needs a package of an extra that is not installed (e.g. ``edge``-only on a board).
+
+    Also an :class:`ImportError`, which is what it replaces. The message is one
+    line naming the ``pip install`` that fixes it (and ``alternative``, if any).
+    """
+
+    def __init__(self, subject: str, package: str, extra: str, alternative: str = ""):
+        message = f"{subject} needs {package}: pip install 'litefed[{extra}]'"
+        super().__init__(message + (f", or {alternative}" if alternative else ""))
+        self.package = package
+        self.extra = extra
 
 
 class ManifestError(EdgeClientError):

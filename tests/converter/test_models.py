@@ -55,3 +55,16 @@ def test_tabular_model_learns_separable_data(tabular):
     assert epoch_losses[-1] < 0.5 * epoch_losses[0], epoch_losses
     assert after.loss < 0.5 * before.loss
     assert after.accuracy > 0.9, after
+
+
+def test_a_spec_converts_to_the_same_initial_weights_for_the_same_seed(tmp_path):
+    from converter import ConvertConfig, convert
+
+    def initial_weights(name: str, seed: int):
+        path = tmp_path / f"{name}.tflite"
+        convert("converter.zoo:tabular_binary", path, ConvertConfig(batch_size=4, verify=False, seed=seed))
+        return TrainableModel.load(path).get_weights()
+
+    first, again, other = initial_weights("a", 0), initial_weights("b", 0), initial_weights("c", 1)
+    assert all(np.array_equal(x, y) for (_, x), (_, y) in zip(first, again, strict=True))
+    assert not all(np.array_equal(x, y) for (_, x), (_, y) in zip(first, other, strict=True))

@@ -294,7 +294,15 @@ def assert_parity(got_losses, got_weights, ref_losses, ref_weights, tolerance=TO
         assert diff <= tolerance, f"weight {name!r} differs by {diff:.3g} after {len(got_losses)} steps"
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+# One case per layer family and optimizer runs in the fast loop (-m "not slow"); the sweep is slow.
+FAST_CASES = {"dense_relu", "conv_s1_same", "maxpool_3_s2_same_overlapping", "avgpool_valid", "adam", "sce_from_logits"}
+
+
+def _marked(case: Case):
+    return pytest.param(case, id=case.id, marks=() if case.id in FAST_CASES else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("case", [_marked(c) for c in CASES])
 def test_train_steps_match_tensorflow(case: Case):
     model = case.build()
     converted = convert_model(model, case.config())
@@ -331,6 +339,10 @@ def _window_ties(activations: np.ndarray, pool: int) -> int:
     windows = activations[:, :h, :w, :].reshape(n, h // pool, pool, w // pool, pool, c)
     maxima = windows.max(axis=(2, 4), keepdims=True)
     return int(((windows == maxima).sum(axis=(2, 4)) > 1).sum())
+
+
+def test_every_fast_case_exists():
+    assert set(FAST_CASES).issubset(c.id for c in CASES)
 
 
 @pytest.mark.parametrize("case_id", ["maxpool_ties_relu_zeros", "maxpool_ties_equal_values"])
