@@ -1,4 +1,8 @@
-"""Atomic checkpoints: a restarted coordinator resumes after the last completed round.
+"""The server's state between rounds, and its atomic checkpoints.
+
+:class:`ServerState` is what a federation is after some rounds, for the MQTT
+coordinator and the simulator alike; a checkpoint is one saved to disk, so
+that a restarted run resumes after its last completed round.
 
 A checkpoint is the global weights as a ``global`` frame (the wire format:
 no pickle, CRC-checked) plus a small JSON file naming it. Both are written
@@ -12,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,45 +33,46 @@ INDEX = "checkpoint.json"
 
 
 @dataclass(frozen=True)
-class Checkpoint:
-    """The global weights after ``completed_round`` rounds of the model ``model_sha256``,
-    the strategy's state (server optimizer moments), if it has any, and the run id
-    ("" in a checkpoint written before runs had ids)."""
+class ServerState:
+    """The global model after ``round`` completed rounds, the strategy's state (server
+    optimiser moments, DP accounting: what :meth:`~coordinator.strategies.base.Strategy.state_dict`
+    returned) and the run id ("" when unknown: a state made by hand, or a checkpoint written
+    before runs had ids)."""
 
-    completed_round: int
-    model_sha256: str
+    round: int
     weights: Weights
-    strategy_state: dict[str, np.ndarray] = field(default_factory=dict)
+    strategy_state: Mapping[str, np.ndarray] = field(default_factory=dict)
     run_id: str = ""
 
 
-def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> None:
+def save_checkpoint(directory: Path, model_sha256: str, state: ServerState) -> None:
+    """Save ``state`` of the model ``model_sha256`` in ``directory``, keeping the previous one too."""
     directory.mkdir(parents=True, exist_ok=True)
-    name = f"global-{checkpoint.completed_round:06d}.bin"
-    run = checkpoint.run_id or UNNAMED_RUN
-    frame = Frame("global", checkpoint.completed_round, checkpoint.model_sha256, checkpoint.weights, run=run)
+    name = f"global-{state.round:06d}.bin"
+    run = state.run_id or UNNAMED_RUN
+    frame = Frame("global", state.round, model_sha256, state.weights, run=run)
     atomic_write(directory / name, encode_frame(frame))
     index = {
-        "completed_round": checkpoint.completed_round,
-        "model_sha256": checkpoint.model_sha256,
-        "run": checkpoint.run_id,
+        "completed_round": state.round,
+        "model_sha256": model_sha256,
+        "run": state.run_id,
         "weights": name,
     }
-    if checkpoint.strategy_state:
+    if state.strategy_state:
         buffer = io.BytesIO()
-        np.savez(buffer, **checkpoint.strategy_state)  # plain arrays, read back with allow_pickle=False
-        index["strategy_state"] = f"strategy-{checkpoint.completed_round:06d}.npz"
+        np.savez(buffer, **state.strategy_state)  # plain arrays, read back with allow_pickle=False
+        index["strategy_state"] = f"strategy-{state.round:06d}.npz"
         atomic_write(directory / index["strategy_state"], buffer.getvalue())
     atomic_write(directory / INDEX, json.dumps(index, indent=2).encode())
     for pattern, suffix in (("global-*.bin", ".bin"), ("strategy-*.npz", ".npz")):  # keep the last two
-        keep_from = f"{pattern.split('*')[0]}{checkpoint.completed_round - 1:06d}{suffix}"
+        keep_from = f"{pattern.split('*')[0]}{state.round - 1:06d}{suffix}"
         for old in directory.glob(pattern):
             if old.name < keep_from:
                 old.unlink(missing_ok=True)
 
 
-def load_checkpoint(directory: Path, model_sha256: str) -> Checkpoint | None:
-    """The checkpoint in ``directory`` for this model, or None (with a logged reason)."""
+def load_checkpoint(directory: Path, model_sha256: str) -> ServerState | None:
+    """The state checkpointed in ``directory`` for this model, or None (with a logged reason)."""
     index_path = directory / INDEX
     if not index_path.exists():
         return None
@@ -87,4 +93,4 @@ def load_checkpoint(directory: Path, model_sha256: str) -> Checkpoint | None:
     if run and not is_run_id(run):
         log.warning("ignoring checkpoint in %s: its run id %r is not 16 lowercase hex digits", directory, run)
         return None
-    return Checkpoint(frame.round, frame.model_sha256, frame.tensors, state, run)
+    return ServerState(frame.round, frame.tensors, state, run)

@@ -11,7 +11,15 @@ class CoordinatorError(Exception):
 
 
 class AggregationError(CoordinatorError):
-    """Client updates cannot be aggregated (mismatched tensors, bad values or counts)."""
+    """Client updates cannot be aggregated (mismatched tensors, bad values or counts).
+
+    ``reason`` is the short code an update refused for this error is counted
+    and acknowledged under, as :class:`~edge_client.errors.ProtocolError`'s.
+    """
+
+    def __init__(self, message: str, reason: str = "bad_tensors"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class PartitionError(CoordinatorError, ValueError):

@@ -44,8 +44,11 @@ class RoundMetrics:
     _weighted: dict[str, float] = field(default_factory=dict, repr=False)  # sum of n * client metric
 
     def reject(self, reason: str) -> None:
+        """Count one rejected update; one for another round (``stale_round``) is also a late update."""
         self.clients_rejected += 1
         self.rejected_reasons[reason] = self.rejected_reasons.get(reason, 0) + 1
+        if reason == "stale_round":
+            self.late_updates += 1
 
     def record_update(self, num_examples: int, client_metrics: Mapping[str, float]) -> None:
         """Count one accepted update and its train metrics (averaged weighted by examples)."""

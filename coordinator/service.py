@@ -10,6 +10,11 @@ plus those the strategy samples among the other eligible ones (accepted
 updates are kept). Then aggregate, evaluate, checkpoint, log the metrics
 and go on.
 
+The round itself (taking updates in, aggregation, evaluation, checkpoints,
+metrics) is the :class:`~coordinator.rounds.RoundEngine` the simulator runs
+too; this module adds what MQTT needs: presence, selection, announcements,
+retries, chunks, acks and publishing.
+
 Every run has a random id (:attr:`Coordinator.run_id`) that travels in
 global frames, announcements and acks, and that updates must echo; a run
 resumed from its checkpoint keeps it (docs/protocol.md, "Runs").
@@ -24,19 +29,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from coordinator.errors import AggregationError, CoordinatorError
-from coordinator.metrics import RoundMetrics, append_jsonl
-from coordinator.strategies import Aggregation, ClientUpdate, Strategy
-from coordinator.strategies.aggregate import finish_or_keep
+from coordinator.checkpoint import ServerState
+from coordinator.errors import CoordinatorError
+from coordinator.metrics import RoundMetrics
+from coordinator.rounds import OpenRound, RoundEngine
+from coordinator.strategies import Strategy
 from edge_client.chunks import DEFAULT_MAX_CHUNK, Reassembler, split
 from edge_client.errors import ProtocolError
-from edge_client.frames import Frame, decode_frame, encode_frame, validate_frame
+from edge_client.frames import decode_frame
 from edge_client.manifest import Manifest, load_manifest, manifest_path_for
 from edge_client.messages import Ack, ModelMeta, Presence, RoundAnnouncement, new_run_id
 from edge_client.model_file import sha256_hex
@@ -70,16 +75,6 @@ class CoordinatorConfig:
             raise CoordinatorError("rounds and max_attempts must be >= 1 and round_timeout > 0")
 
 
-@dataclass
-class _OpenRound:
-    number: int
-    selected: set[str]
-    deadline: float
-    aggregation: Aggregation
-    metrics: RoundMetrics
-    accepted: set[str] = field(default_factory=set)
-
-
 class Coordinator:
     """Runs ``config.rounds`` rounds of ``strategy`` over ``transport``."""
 
@@ -92,29 +87,65 @@ class Coordinator:
         on_round: Callable[[RoundMetrics], None] | None = None,
     ):
         self.config, self.transport, self.strategy = config, transport, strategy
-        self._clock, self.on_round = clock, on_round
+        self._clock = clock
         self.model = Path(config.model_path).read_bytes()
         self.manifest: Manifest = load_manifest(manifest_path_for(config.model_path))
         self.model_sha256 = sha256_hex(self.model)
         self.topics = Topics(config.federation, config.topic_prefix)
         self.online: dict[str, int] = {}  # client id -> examples it reported
-        self.history: list[RoundMetrics] = []
-        self.global_weights: Weights = TrainableModel(self.model, self.manifest).get_weights()
-        self.completed_round = 0
-        self.run_id = new_run_id()  # replaced by the checkpoint's when resuming
+        weights = TrainableModel(self.model, self.manifest).get_weights()
+        # A new run; start() replaces it with the checkpoint's when resuming.
+        initial = ServerState(0, weights, strategy.state_dict(), new_run_id())
+        self.engine = RoundEngine(
+            strategy,
+            self.manifest.weights,
+            self.model_sha256,
+            initial,
+            checkpoint_dir=config.checkpoint_dir,
+            metrics_path=config.metrics_path,
+            on_round=on_round,
+        )
         self._rng = np.random.default_rng(config.seed)
         self._reassembler = Reassembler()
-        self._open: _OpenRound | None = None
+        self._selected: set[str] = set()  # asked for an update in the open round, by any attempt
+        self._deadline = 0.0  # of the open round's latest attempt
         self._published_chunks: dict[str, int] = {}
         self._bytes_in = self._bytes_out = 0
+
+    # -- the run, as the engine has it ----------------------------------------------
+    @property
+    def run_id(self) -> str:
+        return self.engine.run_id
+
+    @property
+    def completed_round(self) -> int:
+        return self.engine.completed_round
+
+    @property
+    def global_weights(self) -> Weights:
+        return self.engine.state.weights
+
+    @property
+    def history(self) -> list[RoundMetrics]:
+        """The metrics of the rounds this coordinator ran."""
+        return self.engine.history
+
+    @property
+    def on_round(self) -> Callable[[RoundMetrics], None] | None:
+        """Called with each finished round's metrics (may be set before :meth:`run`)."""
+        return self.engine.on_round
+
+    @on_round.setter
+    def on_round(self, callback: Callable[[RoundMetrics], None] | None) -> None:
+        self.engine.on_round = callback
 
     # -- lifecycle ------------------------------------------------------------
     def start(self) -> None:
         """Connect, restore the last checkpoint (or start a new run) and publish the model."""
-        resumed = self._restore()
-        if not resumed and self.config.checkpoint_dir is not None:
-            # Checkpointed at once, so a restart during round 1 keeps the run id.
-            save_checkpoint(self.config.checkpoint_dir, self._checkpoint())
+        resumed = self.engine.restore() is not None
+        if not resumed:
+            # Checkpointed at once, so a restart during round 1 keeps the run id the boards joined.
+            self.engine.save_checkpoint()
         self.transport.connect()
         # Clear the retained announcement first: until this run announces its own round, a board
         # must not find a round of another run (or a closed one of this run) there.
@@ -137,7 +168,7 @@ class Coordinator:
                 break
             ran.append(metrics)
         else:
-            self._publish_global(self.config.rounds + 1)  # boards keep the final model
+            self._publish_global()  # the model after the last round: boards keep it
         return ran
 
     def close(self) -> None:
@@ -145,57 +176,55 @@ class Coordinator:
 
     # -- one round ------------------------------------------------------------
     def run_round(self, number: int, stop: threading.Event) -> RoundMetrics | None:
-        started = time.perf_counter()
+        """Run round ``number`` (the one after the last completed); its metrics, or None if stopped."""
+        if number != self.completed_round + 1:
+            raise CoordinatorError(f"round {number} cannot run after round {self.completed_round}; run rounds in order")
         bytes_in, bytes_out = self._bytes_in, self._bytes_out
-        metrics = RoundMetrics(round=number)
-        self._open = _OpenRound(
-            number, set(), 0.0, self.strategy.begin_aggregation(number, self.global_weights), metrics
-        )
-        self._publish_global(number)
+        open_ = self.engine.open_round()
+        self._selected, self._deadline = set(), 0.0
+        self._publish_global()
         for attempt in range(1, self.config.max_attempts + 1):
-            metrics.attempts = attempt
-            if not self._wait_for_clients(stop):
+            open_.metrics.attempts = attempt
+            if not self._wait_for_clients(open_, stop):
                 return None
-            self._announce(attempt)
-            if not self._collect(stop):
+            self._announce(open_, attempt)
+            if not self._collect(open_, stop):
                 return None
-            if len(self._open.accepted) >= self.strategy.min_fit:
+            if len(open_.accepted) >= self.strategy.min_fit:
                 break
             if attempt < self.config.max_attempts:
                 log.warning(
                     "round %d: %d accepted update(s) by the deadline, min_fit is %d; announcing the round again "
                     "(attempt %d of %d)",
                     number,
-                    len(self._open.accepted),
+                    len(open_.accepted),
                     self.strategy.min_fit,
                     attempt + 1,
                     self.config.max_attempts,
                 )
         else:
             raise CoordinatorError(
-                f"round {number} got {len(self._open.accepted)} updates in {self.config.max_attempts} attempts, "
+                f"round {number} got {len(open_.accepted)} updates in {self.config.max_attempts} attempts, "
                 f"fewer than min_fit={self.strategy.min_fit}; check that enough clients are online and fast enough "
                 "for --round-timeout"
             )
-        self._finish_round(started, bytes_in, bytes_out)
-        return metrics
+        return self.engine.finish_round(self._bytes_in - bytes_in, self._bytes_out - bytes_out)
 
-    def _announce(self, attempt: int) -> None:
+    def _announce(self, open_: OpenRound, attempt: int) -> None:
         self._drain()  # select from the freshest presence state
-        open_ = self._open
         available = sorted(c for c in self._eligible() if c not in open_.accepted)
         chosen, round_config = self.strategy.configure_round(open_.number, available, self._rng)
-        waiting = open_.selected - open_.accepted  # selected by earlier attempts, no update yet
-        open_.selected |= set(chosen)
-        open_.deadline = self._clock() + self.config.round_timeout
-        open_.metrics.clients_selected = len(open_.selected)
+        waiting = self._selected - open_.accepted  # selected by earlier attempts, no update yet
+        self._selected |= set(chosen)
+        self._deadline = self._clock() + self.config.round_timeout
+        open_.metrics.clients_selected = len(self._selected)
         open_.metrics.client_lr = round_config.lr
         # "selected" asks for an update: clients already accepted this round are not asked again,
         # while a restarted coordinator asks everyone (clients resend what it lost).
         announcement = RoundAnnouncement(
             open_.number,
-            tuple(sorted(open_.selected - open_.accepted)),
-            open_.deadline,
+            tuple(sorted(self._selected - open_.accepted)),
+            self._deadline,
             self.model_sha256,
             round_config.epochs,
             round_config.lr,
@@ -222,46 +251,21 @@ class Coordinator:
                 len(open_.accepted),
             )
 
-    def _collect(self, stop: threading.Event) -> bool:
-        """Handle messages until every selected client answered or the deadline passed."""
-        open_ = self._open
+    def _collect(self, open_: OpenRound, stop: threading.Event) -> bool:
+        """Handle messages until every selected client answered or the deadline passed; False if stopped."""
         while not stop.is_set():
-            remaining = open_.deadline - self._clock()
-            if remaining <= 0 or open_.selected <= open_.accepted:
+            remaining = self._deadline - self._clock()
+            if remaining <= 0 or self._selected <= open_.accepted:
                 return True
             self._poll(min(remaining, self.config.poll_interval))
         return False
 
-    def _finish_round(self, started: float, bytes_in: int, bytes_out: int) -> None:
-        open_, metrics = self._open, self._open.metrics
-        t0 = time.perf_counter()
-        self.global_weights, metrics.aggregation_error = finish_or_keep(
-            open_.aggregation, self.global_weights, open_.number
-        )
-        metrics.aggregate_seconds = time.perf_counter() - t0
-        metrics.dp_epsilon = self.strategy.privacy_spent()
-        t0 = time.perf_counter()
-        scores = self.strategy.evaluate(open_.number, self.global_weights) or {}
-        metrics.evaluate_seconds = time.perf_counter() - t0
-        metrics.test_loss, metrics.test_accuracy = scores.get("loss"), scores.get("accuracy")
-        self.completed_round = open_.number
-        self._open = None
-        if self.config.checkpoint_dir is not None:
-            save_checkpoint(self.config.checkpoint_dir, self._checkpoint())
-        metrics.round_seconds = time.perf_counter() - started
-        metrics.bytes_in, metrics.bytes_out = self._bytes_in - bytes_in, self._bytes_out - bytes_out
-        if self.config.metrics_path is not None:
-            append_jsonl(self.config.metrics_path, metrics.to_json())
-        self.history.append(metrics)
-        if self.on_round is not None:
-            self.on_round(metrics)
-
-    def _wait_for_clients(self, stop: threading.Event) -> bool:
+    def _wait_for_clients(self, open_: OpenRound, stop: threading.Event) -> bool:
         """Wait until enough clients are online; False if stopped."""
-        need = self.strategy.min_available - len(self._open.accepted)
+        need = self.strategy.min_available - len(open_.accepted)
         give_up = None if self.config.wait_for_clients is None else self._clock() + self.config.wait_for_clients
         logged = False
-        while len(self._eligible() - self._open.accepted) < need:
+        while len(self._eligible() - open_.accepted) < need:
             if stop.is_set():
                 return False
             if give_up is not None and self._clock() > give_up:
@@ -316,6 +320,7 @@ class Coordinator:
         return {client for client, examples in self.online.items() if examples > 0}
 
     def _on_update_chunk(self, client: str, message: Message) -> None:
+        """One chunk of ``client``'s update; a complete update goes to the engine, and the client gets its ack."""
         frame = None
         try:
             payload = self._reassembler.add(message.payload, source=message.topic)
@@ -326,41 +331,14 @@ class Coordinator:
                 raise ProtocolError(
                     "client_mismatch", f"update on {client}'s topic claims to be from {frame.client_id!r}"
                 )
-            self._accept(client, frame)
-        except (ProtocolError, AggregationError) as exc:
-            reason = getattr(exc, "reason", "bad_tensors")
-            log.warning("update from %s rejected: %s", client, exc)
-            if self._open is not None:
-                self._open.metrics.reject(reason)
-                if reason == "stale_round":
-                    self._open.metrics.late_updates += 1
-            # The ack names the update's round, so the client knows which update was refused.
-            # So does its run: a board of another run can tell this rejection is about its update.
-            current = self._open.number if self._open else self.completed_round
-            if frame is not None:
-                self._ack(client, Ack(frame.round, "rejected", reason, frame.run))
-            else:
-                self._ack(client, Ack(current, "rejected", reason, self.run_id))
-
-    def _accept(self, client: str, frame: Frame) -> None:
-        open_ = self._open
-        if open_ is None:
-            raise ProtocolError("stale_round", f"no round is open (last completed: {self.completed_round})")
-        validate_frame(
-            frame, self.manifest.weights, self.model_sha256, "update", current_round=open_.number, run=self.run_id
-        )
-        if client in open_.accepted:
-            self._ack(client, Ack(open_.number, "duplicate", run=self.run_id))
+        except ProtocolError as exc:
+            self._ack(client, self.engine.refuse(client, exc, frame))
             return
-        if client not in open_.selected:
-            raise ProtocolError("not_selected", f"{client} was not selected for round {open_.number}")
-        open_.aggregation.add(ClientUpdate(client, frame.tensors, frame.num_examples, dict(frame.metrics)))
-        open_.accepted.add(client)
-        open_.metrics.record_update(frame.num_examples, frame.metrics)
-        self._ack(client, Ack(open_.number, "accepted", run=self.run_id))
-        log.debug(
-            "round %d: update from %s accepted (%d/%d)", open_.number, client, len(open_.accepted), len(open_.selected)
-        )
+        ack = self.engine.accept(frame, client, selected=self._selected)
+        self._ack(client, ack)
+        if ack.status == "accepted" and (open_ := self.engine.current) is not None:
+            log.debug("round %d: update from %s accepted (%d/%d)", open_.number, client, len(open_.accepted),
+                      len(self._selected))  # fmt: skip
 
     # -- publishing -----------------------------------------------------------
     def _ack(self, client: str, ack: Ack) -> None:
@@ -370,9 +348,9 @@ class Coordinator:
         self.transport.publish(topic, payload, retain=retain)
         self._bytes_out += len(payload)
 
-    def _publish_global(self, number: int) -> None:
-        frame = Frame("global", number, self.model_sha256, self.global_weights, run=self.run_id)
-        self._publish_chunked("global", self.topics.global_chunk, encode_frame(frame))
+    def _publish_global(self) -> None:
+        """Publish the global weights that start the next round (retained: late boards find them)."""
+        self._publish_chunked("global", self.topics.global_chunk, self.engine.global_frame)
 
     def _publish_chunked(self, family: str, topic_for: Callable[[int], str], payload: bytes) -> int:
         """Publish ``payload`` as retained chunks; clear retained chunks left from a longer payload."""
@@ -384,26 +362,3 @@ class Coordinator:
         self._bytes_out += sum(len(m.payload) for m in messages)
         self._published_chunks[family] = len(chunks)
         return len(chunks)
-
-    def _checkpoint(self) -> Checkpoint:
-        state = self.strategy.state_dict()
-        return Checkpoint(self.completed_round, self.model_sha256, self.global_weights, state, self.run_id)
-
-    def _restore(self) -> bool:
-        """Resume from the checkpoint if there is one for this model; True if resumed."""
-        if self.config.checkpoint_dir is None:
-            return False
-        checkpoint = load_checkpoint(self.config.checkpoint_dir, self.model_sha256)
-        if checkpoint is None:
-            return False
-        self.global_weights, self.completed_round = checkpoint.weights, checkpoint.completed_round
-        if checkpoint.strategy_state:
-            self.strategy.load_state_dict(checkpoint.strategy_state)  # e.g. FedAdam's moments
-        if checkpoint.run_id:
-            self.run_id = checkpoint.run_id
-        else:  # written before runs had ids (protocol v1): continue under a new one, saved at once
-            log.warning("the checkpoint in %s has no run id; continuing as run %s", self.config.checkpoint_dir,
-                        self.run_id)  # fmt: skip
-            save_checkpoint(self.config.checkpoint_dir, self._checkpoint())
-        log.info("resuming after round %d from %s", self.completed_round, self.config.checkpoint_dir)
-        return True

@@ -142,7 +142,7 @@ def test_model_and_global_weights_are_retained_for_late_boards(tabular, model_pa
     broker = InMemoryBroker()
     coordinator = _coordinator(broker, model_path, tmp_path)
     coordinator.start()
-    coordinator._publish_global(1)
+    coordinator._publish_global()  # the global weights of round 1
     late = InMemoryTransport(broker, "late-board")
     late.connect()
     for pattern in (TOPICS.model_meta, TOPICS.model_chunks, TOPICS.global_chunks):
@@ -194,7 +194,7 @@ def test_a_round_is_weighted_fedavg_of_the_deltas(tabular, model_path, tmp_path)
     assert line["bytes_out"] > 0 and line["clients_rejected"] == 0
     assert line["slowest_client_seconds"] == pytest.approx(0.6)  # the 60-example client's train_seconds
     checkpoint = load_checkpoint(tmp_path / "ckpt", sha256_hex(tabular.tflite))
-    assert checkpoint.completed_round == 1
+    assert checkpoint.round == 1
     for c, g in zip(checkpoint.weights, got, strict=True):
         np.testing.assert_array_equal(c.array, g.array)
     # The final global model stays retained for boards that connect later.
@@ -353,7 +353,7 @@ def test_restart_resumes_from_the_checkpoint(tabular, model_path, tmp_path):
     running.coordinator.close()
 
     restarted = _coordinator(InMemoryBroker(), model_path, tmp_path, strategy, rounds=2)
-    restarted._restore()
+    restarted.engine.restore()
     assert restarted.completed_round == 1
     for a, b in zip(restarted.global_weights, after_round_1, strict=True):
         np.testing.assert_array_equal(a.array, b.array)
@@ -372,7 +372,7 @@ def test_a_restarted_coordinator_gets_its_server_optimizer_state_back(tabular, m
     assert saved and all(np.any(v != 0) for k, v in saved.items() if k.startswith("m/"))
 
     restarted = _coordinator(InMemoryBroker(), model_path, tmp_path, FedAdam(min_fit=1, min_available=1))
-    restarted._restore()
+    restarted.engine.restore()
     restored = restarted.strategy.state_dict()
     assert restored.keys() == saved.keys()
     for key in saved:
@@ -468,7 +468,7 @@ def test_start_clears_the_retained_announcement_of_an_earlier_run(tabular, model
     seed.publish(TOPICS.round, old.to_bytes(), retain=True)
     coordinator = _coordinator(broker, model_path, tmp_path)
     coordinator.start()
-    coordinator._publish_global(1)
+    coordinator._publish_global()  # the global weights of round 1
     assert TOPICS.round not in broker.retained
     board = FakeClient(broker, "pi-0")
     board.pump(0.2)
@@ -480,10 +480,10 @@ def test_a_checkpoint_of_protocol_v1_resumes_under_a_new_run_id(tabular, model_p
     import struct
     import zlib
 
-    from coordinator.checkpoint import Checkpoint, save_checkpoint
+    from coordinator.checkpoint import ServerState, save_checkpoint
 
     weights = [NamedArray(w.name, w.array + 0.5) for w in tabular.runtime().get_weights()]
-    save_checkpoint(tmp_path / "ckpt", Checkpoint(3, sha256_hex(tabular.tflite), weights))
+    save_checkpoint(tmp_path / "ckpt", sha256_hex(tabular.tflite), ServerState(3, weights))
     # Rewrite it as v1 wrote it: no "run" in the index, a version-1 frame without "run".
     index_path = tmp_path / "ckpt" / "checkpoint.json"
     index = json.loads(index_path.read_text())

@@ -68,7 +68,7 @@ def test_textbook_fedavg_is_the_weighted_mean_of_the_clients_models(tabular):
 
 
 def _run(tabular, job):
-    from coordinator.simulator import run_client_job
+    from coordinator.client_pool import run_client_job
 
     return run_client_job(tabular.runtime(), job)
 

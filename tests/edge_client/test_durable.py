@@ -50,7 +50,7 @@ def test_the_file_and_then_its_directory_are_fsynced(tmp_path, monkeypatch):
 
 def test_every_kept_file_is_written_by_the_one_helper(tmp_path, monkeypatch, tabular):
     """Checkpoint, manifest and converted model: each write goes through atomic_write."""
-    from coordinator.checkpoint import Checkpoint, save_checkpoint
+    from coordinator.checkpoint import ServerState, save_checkpoint
     from edge_client.manifest import load_manifest, save_manifest
 
     written = []
@@ -65,7 +65,7 @@ def test_every_kept_file_is_written_by_the_one_helper(tmp_path, monkeypatch, tab
     manifest = load_manifest(tabular.manifest_path)
     save_manifest(manifest, tmp_path / "m.json")
     weights = [NamedArray(spec.name, np.zeros(spec.shape, spec.dtype)) for spec in manifest.weights]
-    save_checkpoint(tmp_path / "ckpt", Checkpoint(1, manifest.model_sha256, weights))
+    save_checkpoint(tmp_path / "ckpt", manifest.model_sha256, ServerState(1, weights))
     tabular.converted.save(tmp_path / "model.tflite")
     assert "m.json" in written and "checkpoint.json" in written and "global-000001.bin" in written
     assert "model.tflite" in written and "model.json" in written

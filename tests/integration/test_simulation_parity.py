@@ -13,8 +13,9 @@ import time
 
 import numpy as np
 
+from coordinator.client_pool import run_client_job
 from coordinator.service import Coordinator, CoordinatorConfig
-from coordinator.simulator import FederatedProcess, run_client_job
+from coordinator.simulator import FederatedProcess
 from coordinator.strategies import FedAdam, RoundConfig
 from edge_client.chunks import split
 from edge_client.messages import Ack, Presence, RoundAnnouncement
