@@ -5,8 +5,10 @@ Every message says what went wrong and what the user can do about it.
 
 from __future__ import annotations
 
+from edge_client import errors as _edge_errors
 
-class CoordinatorError(Exception):
+
+class CoordinatorError(_edge_errors.LitefedError):
     """Base class for every error raised by :mod:`coordinator`."""
 
 
@@ -29,15 +31,9 @@ class PartitionError(CoordinatorError, ValueError):
     """
 
 
-class MissingExtraError(CoordinatorError, ImportError):
+class MissingExtraError(CoordinatorError, _edge_errors.MissingExtraError):
     """A feature needs a package of an extra that is not installed (e.g. ``edge``-only on a board).
 
-    Also an :class:`ImportError`, which is what it replaces. The message is one
-    line naming the ``pip install`` that fixes it.
+    Also an :class:`ImportError`, which is what it replaces; the message is one
+    line naming the ``pip install`` that fixes it, and ``alternative`` if given.
     """
-
-    def __init__(self, subject: str, package: str, extra: str, alternative: str = ""):
-        message = f"{subject} needs {package}: pip install 'litefed[{extra}]'"
-        super().__init__(message + (f", or {alternative}" if alternative else ""))
-        self.package = package
-        self.extra = extra

@@ -134,9 +134,13 @@ class FederatedProcess:
         self._pool.close()
 
     def initialize(self) -> ServerState:
-        """Round 0: the converted model's initial weights, a fresh strategy state."""
+        """Round 0: the converted model's initial weights, a fresh strategy state.
+
+        The strategy state is empty, which :meth:`next` loads as a reset: a
+        strategy object that already ran rounds starts over too.
+        """
         weights = TrainableModel.load(self.model_path).get_weights()
-        return ServerState(0, weights, self.strategy.state_dict(), self.run_id)
+        return ServerState(0, weights, {}, self.run_id)
 
     def next(
         self,
