@@ -75,7 +75,7 @@ DEFAULT_JSON = "build/bench/bench_round_overhead.json"
 EMULATION_ENTRIES = {"metrics.jsonl", "metrics.png", "checkpoints", "clients", "emulate.log"}
 
 _TS = r"(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
-COORD_ANNOUNCED = re.compile(_TS + r" .*round (?P<round>\d+) \(attempt 1\): selected")
+COORD_ANNOUNCED = re.compile(_TS + r" .*round (?P<round>\d+): selected")  # attempt 1; retries say "asking"
 COORD_ACCEPTED = re.compile(_TS + r" .*round (?P<round>\d+): update from \S+ accepted")
 CLIENT_GLOBAL = re.compile(_TS + r" .*global weights of round (?P<round>\d+) received")
 CLIENT_TRAINING = re.compile(_TS + r" .*round (?P<round>\d+): training on")
