@@ -2,7 +2,11 @@
 
 Each class parses untrusted JSON with :meth:`from_bytes`, raising
 :class:`ProtocolError` for anything malformed, and serializes with
-:meth:`to_bytes`. Weights never travel here: see :mod:`edge_client.frames`.
+:meth:`to_bytes`. A decoded message is valid by construction: field types,
+ranges, SHA-256 digests (``bad_sha256``) and a model meta's manifest
+(``bad_json``, ``manifest_mismatch``) are checked here, so receivers only
+decide whether the message fits their state. Weights never travel here: see
+:mod:`edge_client.frames`.
 """
 
 from __future__ import annotations
@@ -14,15 +18,19 @@ import secrets
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from edge_client.errors import ProtocolError
+from edge_client.errors import ManifestError, ProtocolError
+from edge_client.manifest import Manifest
+from edge_client.reasons import BAD_JSON, BAD_SHA256, DUPLICATE, MANIFEST_MISMATCH, SIZE_MISMATCH, TOO_LARGE
 from edge_client.topics import check_name
 from edge_client.wire_json import loads_bounded
 
 MAX_JSON_BYTES = 1 << 20
 # A run id: 16 lowercase hex digits (64 random bits), fixed length so frame sizes do not depend on it.
-_RUN_ID = re.compile(r"^[0-9a-f]{16}$")
+# Matched with fullmatch: "$" would also accept a trailing newline.
+_RUN_ID = re.compile(r"[0-9a-f]{16}")
 # The run of frames made outside any federation run (tests, benchmarks); no coordinator draws it.
 UNNAMED_RUN = "0" * 16
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def new_run_id() -> str:
@@ -35,10 +43,10 @@ def new_run_id() -> str:
 
 
 def is_run_id(value: object) -> bool:
-    return isinstance(value, str) and _RUN_ID.match(value) is not None
+    return isinstance(value, str) and _RUN_ID.fullmatch(value) is not None
 
 
-def check_run_id(value: object, what: str, reason: str = "bad_json") -> str:
+def check_run_id(value: object, what: str, reason: str = BAD_JSON) -> str:
     """``value`` if it is a run id, else :class:`ProtocolError` (``reason``) naming ``what``."""
     if value is None:
         raise ProtocolError(
@@ -50,12 +58,19 @@ def check_run_id(value: object, what: str, reason: str = "bad_json") -> str:
     return value
 
 
+def check_sha256(value: str, what: str) -> str:
+    """``value`` if it is a SHA-256 hex digest (64 lowercase hex digits), else ``ProtocolError("bad_sha256")``."""
+    if not _SHA256.fullmatch(value):
+        raise ProtocolError(BAD_SHA256, f"{what}: model_sha256 {value[:80]!r} is not 64 lowercase hex digits")
+    return value
+
+
 def _load(data: bytes, what: str) -> dict[str, Any]:
     if len(data) > MAX_JSON_BYTES:
-        raise ProtocolError("too_large", f"{what} of {len(data)} bytes exceeds {MAX_JSON_BYTES}")
-    obj = loads_bounded(data, what, "bad_json")
+        raise ProtocolError(TOO_LARGE, f"{what} of {len(data)} bytes exceeds {MAX_JSON_BYTES}")
+    obj = loads_bounded(data, what, BAD_JSON)
     if not isinstance(obj, dict):
-        raise ProtocolError("bad_json", f"{what} is not a JSON object")
+        raise ProtocolError(BAD_JSON, f"{what} is not a JSON object")
     return obj
 
 
@@ -67,10 +82,22 @@ def _get(obj: dict, key: str, kind: type | tuple[type, ...], what: str) -> Any:
     value = obj.get(key)
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        raise ProtocolError("bad_json", f"{what}: field {key!r} must be {'/'.join(k.__name__ for k in kinds)}")
+        raise ProtocolError(BAD_JSON, f"{what}: field {key!r} must be {'/'.join(k.__name__ for k in kinds)}")
     if isinstance(value, float) and not math.isfinite(value):
-        raise ProtocolError("bad_json", f"{what}: field {key!r} must be finite")
+        raise ProtocolError(BAD_JSON, f"{what}: field {key!r} must be finite")
     return value
+
+
+def _number(obj: dict, key: str, what: str) -> float:
+    """A finite float field; an int too large for a float is a ``bad_json``, never an ``OverflowError``."""
+    value = _get(obj, key, (int, float), what)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ProtocolError(BAD_JSON, f"{what}: field {key!r} is out of the float range") from None
+    if not math.isfinite(number):
+        raise ProtocolError(BAD_JSON, f"{what}: field {key!r} must be finite")
+    return number
 
 
 @dataclass(frozen=True)
@@ -97,24 +124,24 @@ class RoundAnnouncement:
         try:
             selected = tuple(check_name("client id", c) for c in selected)
         except ValueError as exc:
-            raise ProtocolError("bad_json", f"{what}: {exc}") from None
+            raise ProtocolError(BAD_JSON, f"{what}: {exc}") from None
         msg = cls(
             round=_get(obj, "round", int, what),
             selected=selected,
-            deadline=float(_get(obj, "deadline", (int, float), what)),
-            model_sha256=_get(obj, "model_sha256", str, what),
+            deadline=_number(obj, "deadline", what),
+            model_sha256=check_sha256(_get(obj, "model_sha256", str, what), what),
             epochs=_get(obj, "epochs", int, what),
-            lr=float(_get(obj, "lr", (int, float), what)),
-            mu=float(_get(obj, "mu", (int, float), what)),
+            lr=_number(obj, "lr", what),
+            mu=_number(obj, "mu", what),
             codec=_get(obj, "codec", str, what),
             run=check_run_id(obj.get("run"), what),
         )
         if msg.round < 0 or msg.epochs < 1 or msg.lr <= 0 or msg.mu < 0:
-            raise ProtocolError("bad_json", f"{what}: round >= 0, epochs >= 1, lr > 0 and mu >= 0 are required")
+            raise ProtocolError(BAD_JSON, f"{what}: round >= 0, epochs >= 1, lr > 0 and mu >= 0 are required")
         return msg
 
 
-ACK_STATUSES = ("accepted", "duplicate", "rejected")
+ACK_STATUSES = ("accepted", DUPLICATE, "rejected")
 
 
 @dataclass(frozen=True)
@@ -139,7 +166,7 @@ class Ack:
             check_run_id(obj.get("run"), what),
         )
         if msg.status not in ACK_STATUSES:
-            raise ProtocolError("bad_json", f"ack status {msg.status!r} is not one of {ACK_STATUSES}")
+            raise ProtocolError(BAD_JSON, f"ack status {msg.status!r} is not one of {ACK_STATUSES}")
         return msg
 
 
@@ -159,13 +186,18 @@ class Presence:
         obj, what = _load(data, "presence"), "presence"
         msg = cls(_get(obj, "status", str, what), _get(obj, "num_examples", int, what), _get(obj, "version", str, what))
         if msg.status not in ("online", "offline") or msg.num_examples < 0:
-            raise ProtocolError("bad_json", f"presence status {msg.status!r} / num_examples {msg.num_examples}")
+            raise ProtocolError(BAD_JSON, f"presence status {msg.status!r} / num_examples {msg.num_examples}")
         return msg
 
 
 @dataclass(frozen=True)
 class ModelMeta:
-    """Retained description of the model graph published in chunks."""
+    """Retained description of the model graph published in chunks.
+
+    ``manifest`` is the JSON of the model's :class:`Manifest`;
+    :meth:`parse_manifest` parses it and checks that it belongs to
+    ``model_sha256`` (as :meth:`from_bytes` does).
+    """
 
     model_sha256: str
     size: int
@@ -179,11 +211,30 @@ class ModelMeta:
     def from_bytes(cls, data: bytes) -> ModelMeta:
         obj, what = _load(data, "model meta"), "model meta"
         msg = cls(
-            _get(obj, "model_sha256", str, what),
+            check_sha256(_get(obj, "model_sha256", str, what), what),
             _get(obj, "size", int, what),
             _get(obj, "chunks", int, what),
             _get(obj, "manifest", dict, what),
         )
         if msg.size < 1 or msg.chunks < 1:
-            raise ProtocolError("bad_json", f"{what}: size and chunks must be positive")
+            raise ProtocolError(BAD_JSON, f"{what}: size and chunks must be positive")
+        msg.parse_manifest()  # now, so that a decoded meta is valid
         return msg
+
+    def parse_manifest(self) -> Manifest:
+        """The manifest, parsed: ``bad_json`` if malformed, ``manifest_mismatch`` if it is another model's."""
+        try:
+            manifest = Manifest.from_json(self.manifest)
+        except ManifestError as exc:
+            raise ProtocolError(BAD_JSON, f"model meta: {exc}") from None
+        if manifest.model_sha256 != self.model_sha256:
+            raise ProtocolError(
+                MANIFEST_MISMATCH,
+                f"model meta: the manifest belongs to model {manifest.model_sha256[:12]}, not {self.model_sha256[:12]}",
+            )
+        return manifest
+
+    def check_model(self, model: bytes) -> None:
+        """Raise ``ProtocolError("size_mismatch")`` unless ``model`` has the announced size."""
+        if len(model) != self.size:
+            raise ProtocolError(SIZE_MISMATCH, f"model meta says {self.size} bytes, the model has {len(model)}")

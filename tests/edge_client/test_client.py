@@ -35,14 +35,6 @@ NUM_EXAMPLES = 48
 RUN = "1111111111111111"  # the fake coordinator's run
 
 
-class FakeClock:
-    def __init__(self, now: float = T0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class FakeCoordinator:
     """Publishes what a coordinator publishes and collects what clients send."""
 
@@ -132,11 +124,12 @@ def make_config(tmp_path, **kw) -> ClientConfig:
 class Harness:
     """A broker, a fake coordinator, a fake clock and clients on them."""
 
-    def __init__(self, tmp_path, tabular):
+    def __init__(self, tmp_path, tabular, clock):
         self.tmp_path = tmp_path
         self.tabular = tabular
         self.broker = InMemoryBroker()
-        self.clock = FakeClock()
+        self.clock = clock  # conftest's FakeClock
+        self.clock.now = T0
         self.coordinator = FakeCoordinator(self.broker, tabular)
         self.dataset = separable_binary_data(NUM_EXAMPLES, seed=3)
         self.clients: list[EdgeClient] = []
@@ -178,8 +171,8 @@ class Harness:
 
 
 @pytest.fixture
-def h(tmp_path, tabular):
-    harness = Harness(tmp_path, tabular)
+def h(tmp_path, tabular, clock):
+    harness = Harness(tmp_path, tabular, clock)
     yield harness
     harness.close()
 
@@ -324,7 +317,7 @@ def test_training_past_the_deadline_is_not_sent(h, caplog):
     client.model.fit = slow_fit
     h.coordinator.publish_global(initial_weights(h.tabular), 5)
     h.coordinator.announce(5, deadline=T0 + 90, epochs=3)
-    with caplog.at_level(logging.INFO, logger="edge_client.client"):
+    with caplog.at_level(logging.INFO, logger="edge_client"):
         h.pump(client)
     assert h.coordinator.update_messages == []
     assert "too slow for round 5" in caplog.text
@@ -410,7 +403,7 @@ def test_a_rejection_is_logged_and_ends_the_round(h, caplog):
     h.bootstrap(round=3, deadline=T0 + 1000)
     h.pump(client, until=lambda: h.coordinator.updates)
     per_send = len(h.coordinator.update_messages)
-    with caplog.at_level(logging.WARNING, logger="edge_client.client"):
+    with caplog.at_level(logging.WARNING, logger="edge_client"):
         h.coordinator.ack(2, "accepted")  # for another round: ignored
         h.coordinator.ack(3, "rejected", "bad_tensors")
         h.pump(client, until=lambda: client.progress.pending is None)
@@ -482,7 +475,9 @@ def test_malformed_messages_are_counted_and_ignored(h):
             RoundAnnouncement(3, (CLIENT,), T0 + 100, sha, codec="zstd", run=RUN).to_bytes(),
             "unknown_codec",
         ),
-        (topics.round, RoundAnnouncement(3, (CLIENT,), T0 + 100, "not-a-hash", run=RUN).to_bytes(), "bad_json"),
+        (topics.round, RoundAnnouncement(3, (CLIENT,), T0 + 100, "not-a-hash", run=RUN).to_bytes(), "bad_sha256"),
+        (topics.round, RoundAnnouncement(3, (CLIENT,), T0 + 100, sha.upper(), run=RUN).to_bytes(), "bad_sha256"),
+        (topics.model_meta, ModelMeta("AB" * 32, 10, 1, coordinator.manifest.to_json()).to_bytes(), "bad_sha256"),
         (topics.round, RoundAnnouncement(3, (CLIENT,), T0 + 100, sha, run="../../x").to_bytes(), "bad_json"),
         (topics.ack(CLIENT), b'{"round": 3, "status": "maybe", "reason": "", "run": "1111111111111111"}', "bad_json"),
         (topics.ack(CLIENT), b'{"round": 3, "status": "accepted", "reason": ""}', "bad_json"),  # protocol v1
@@ -516,10 +511,21 @@ def test_a_model_that_does_not_match_its_meta_is_not_loaded(h):
         retain=True,
     )
     h.pump(client)
-    assert client.rejected["bad_json"] == 1  # the manifest names another model
+    assert client.rejected == {"manifest_mismatch": 1}  # the manifest names another model
     coordinator.publish_model_chunks()
     h.pump(client)
     assert client.model is None  # complete, but no meta announced it
+
+
+def test_a_model_whose_size_differs_from_its_meta_is_not_loaded(h):
+    client = h.client()
+    coordinator = h.coordinator
+    count = len(split(coordinator.model, MODEL_CHUNK))
+    meta = ModelMeta(coordinator.sha, len(coordinator.model) + 1, count, coordinator.manifest.to_json())
+    coordinator.publish(Topics().model_meta, meta.to_bytes(), retain=True)
+    coordinator.publish_model_chunks()
+    h.pump(client)
+    assert client.rejected == {"size_mismatch": 1} and client.model is None
 
 
 def test_empty_retained_payloads_are_not_errors(h):
@@ -546,7 +552,7 @@ def test_restart_resumes_without_retraining_or_downloading(h, caplog):
     assert h.coordinator.presence[CLIENT].status == "offline"
     sent = len(h.coordinator.update_messages)
 
-    with caplog.at_level(logging.INFO, logger="edge_client.client"):
+    with caplog.at_level(logging.INFO, logger="edge_client"):
         second = h.client()
         model = second.model
         assert model is not None and second.model_sha256 == h.coordinator.sha
@@ -678,7 +684,7 @@ def test_step_before_start_is_an_error(h):
 def test_data_that_does_not_fit_the_model_means_no_training(h, caplog):
     x = np.zeros((10, 5), np.float32)  # the model takes 8 features
     client = h.client(dataset=(x, np.zeros(10, np.float32)))
-    with caplog.at_level(logging.ERROR, logger="edge_client.client"):
+    with caplog.at_level(logging.ERROR, logger="edge_client"):
         h.bootstrap(round=3)
         h.pump(client)
     assert h.coordinator.update_messages == []
@@ -727,7 +733,7 @@ def test_a_lossy_codec_keeps_what_it_dropped_for_the_next_round(h):
     assert residuals.is_file()
     dropped = 0
     for (name, sent), (_, g), (_, w) in zip(frame.tensors, start, trained, strict=True):
-        residual = client._feedback.residual(name)
+        residual = client.rounds.feedback.residual(name)
         # What was sent plus what was kept back is the whole delta of this first round.
         np.testing.assert_allclose(sent + residual, w - g, rtol=0, atol=1e-6, err_msg=name)
         dropped += int(np.count_nonzero(residual))
@@ -735,11 +741,11 @@ def test_a_lossy_codec_keeps_what_it_dropped_for_the_next_round(h):
 
     h.coordinator.ack(3, "accepted")
     h.pump(client, until=lambda: client.progress.acked_round == 3)
-    kept = {name: client._feedback.residual(name) for name, _ in start}
+    kept = {name: client.rounds.feedback.residual(name) for name, _ in start}
     client.transport.drop()
     second = h.client()  # after a reboot the residuals come back from the state directory
     for name, residual in kept.items():
-        np.testing.assert_array_equal(second._feedback.residual(name), residual)
+        np.testing.assert_array_equal(second.rounds.feedback.residual(name), residual)
 
 
 def test_float32_updates_need_no_residuals(h):
@@ -767,13 +773,13 @@ def test_a_new_run_is_joined_cleanly_and_durably(h, caplog):
     assert (h.tmp_path / "state" / "residuals.npz").is_file()
 
     h.coordinator.run = NEW_RUN  # a second coordinator run: numbering starts again at round 1
-    with caplog.at_level(logging.INFO, logger="edge_client.client"):
+    with caplog.at_level(logging.INFO, logger="edge_client"):
         h.coordinator.publish_global(shifted(initial_weights(h.tabular), 0.01), 1)
         h.pump(client, until=lambda: client.progress.run == NEW_RUN)
         # Joining dropped the old run's trained rounds and its residuals, on disk too.
         assert client.progress.trained_round is None and client.progress.acked_round is None
         assert not (h.tmp_path / "state" / "residuals.npz").exists()
-        assert all(not np.any(client._feedback.residual(n)) for n, _ in initial_weights(h.tabular))
+        assert all(not np.any(client.rounds.feedback.residual(n)) for n, _ in initial_weights(h.tabular))
         h.coordinator.announce(1)
         h.pump(client, until=lambda: len(h.coordinator.updates) == 2)
     assert f"joining run {NEW_RUN}" in caplog.text and f"leaving run {RUN}" in caplog.text
@@ -818,7 +824,7 @@ def test_a_stale_announcement_of_another_run_never_replaces_the_current_run(h, c
     h.bootstrap(round=1, deadline=T0 + 1000)
     h.pump(client, until=lambda: h.coordinator.updates)
     h.clock.now = T0 + 500
-    with caplog.at_level(logging.INFO, logger="edge_client.client"):
+    with caplog.at_level(logging.INFO, logger="edge_client"):
         for _ in range(3):  # re-delivered, as a retained message is after every reconnection
             h.coordinator.announce(7, deadline=T0 + 400, run=RUN)
             h.pump(client)
@@ -836,7 +842,7 @@ def test_an_already_trained_round_is_logged_once(h, caplog):
     h.coordinator.ack(3, "accepted")
     h.pump(first, until=lambda: first.progress.acked_round == 3)
     first.transport.drop()  # the acknowledged update is gone with the reboot
-    with caplog.at_level(logging.INFO, logger="edge_client.client"):
+    with caplog.at_level(logging.INFO, logger="edge_client"):
         second = h.client()
         for deadline in (T0 + 2000, T0 + 3000):  # asked again, twice
             h.coordinator.announce(3, deadline=deadline)
@@ -858,7 +864,7 @@ def test_a_diverged_round_is_not_marked_trained_and_a_retry_trains_again(h, capl
     client.model.fit = diverging_fit
     h.coordinator.publish_global(initial_weights(h.tabular), 2)
     h.coordinator.announce(2, deadline=T0 + 100)
-    with caplog.at_level(logging.ERROR, logger="edge_client.client"):
+    with caplog.at_level(logging.ERROR, logger="edge_client"):
         h.pump(client)
         h.pump(client)
     assert caplog.text.count("training diverged") == 1, "the same announcement must not train again"

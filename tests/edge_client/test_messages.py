@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+from unittest import mock
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_client.errors import ProtocolError
 from edge_client.messages import UNNAMED_RUN, Ack, ModelMeta, Presence, RoundAnnouncement, is_run_id, new_run_id
@@ -17,12 +22,18 @@ ROUND = RoundAnnouncement(7, ("pi-1", "pi-2"), 1_800_000_000.5, "ab" * 32, epoch
 
 @pytest.mark.parametrize(
     "message",
-    [ROUND, Ack(7, "accepted", run=RUN), Ack(7, "rejected", "stale_round", RUN), Presence("online", 600, "0.1.0"),
-     ModelMeta("ab" * 32, 6_800_000, 71, {"format": "litefed-model"})],
-    ids=["round", "ack", "ack_reason", "presence", "model_meta"],
+    [ROUND, Ack(7, "accepted", run=RUN), Ack(7, "rejected", "stale_round", RUN), Presence("online", 600, "0.1.0")],
+    ids=["round", "ack", "ack_reason", "presence"],
 )  # fmt: skip
 def test_round_trip(message):
     assert type(message).from_bytes(message.to_bytes()) == message
+
+
+def test_model_meta_round_trip(tiny):
+    """A model meta carries a real manifest: decoding checks that it is one, and the model's."""
+    meta = ModelMeta(tiny.sha, 6_800_000, 71, tiny.manifest.to_json())
+    decoded = ModelMeta.from_bytes(meta.to_bytes())
+    assert decoded == meta and decoded.parse_manifest() == tiny.manifest
 
 
 def _round_json(**changes) -> bytes:
@@ -60,7 +71,8 @@ def test_bad_round_announcements_are_protocol_errors(raw):
 # Run ids that must never be taken for one: wrong length, case, charset, type; path and topic syntax.
 HOSTILE_RUNS = ["", "0123456789ABCDEF", "0123456789abcde", "0123456789abcdef0", "0123456789abcde/",
                 "0123456789abcde+", "../../../../etc", "é" * 16, " 0123456789abcde", 1234567890123456, 1.5, True,
-                None, ["0123456789abcdef"], {"run": "0123456789abcdef"}, "f" * 100_000]  # fmt: skip
+                None, ["0123456789abcdef"], {"run": "0123456789abcdef"}, "f" * 100_000,
+                "0123456789abcdef\n"]  # fmt: skip
 
 
 @pytest.mark.parametrize("run", HOSTILE_RUNS, ids=range(len(HOSTILE_RUNS)))
@@ -97,6 +109,99 @@ def test_bad_ack_presence_and_meta():
         Presence.from_bytes(b'{"status": "asleep", "num_examples": 1, "version": ""}')
     with pytest.raises(ProtocolError):
         ModelMeta.from_bytes(b'{"model_sha256": "x", "size": 0, "chunks": 1, "manifest": {}}')
+
+
+# -- validation that was the client's: a decoded message is valid by construction ------------
+
+
+@pytest.mark.parametrize("sha", ["AB" * 32, "ab" * 31, "ab" * 33, "g" * 64, " " + "a" * 63, "", "ab" * 32 + "\n"])
+def test_a_sha256_field_that_is_not_64_lowercase_hex_is_bad_sha256(tiny, sha):
+    with pytest.raises(ProtocolError) as info:
+        RoundAnnouncement.from_bytes(_round_json(model_sha256=sha))
+    assert info.value.reason == "bad_sha256"
+    with pytest.raises(ProtocolError) as info:
+        ModelMeta.from_bytes(dataclasses.replace(tiny.meta(1024), model_sha256=sha).to_bytes())
+    assert info.value.reason == "bad_sha256"
+
+
+def test_a_sha256_field_of_the_wrong_type_is_bad_json():
+    with pytest.raises(ProtocolError) as info:
+        RoundAnnouncement.from_bytes(_round_json(model_sha256=12))
+    assert info.value.reason == "bad_json"
+
+
+def test_a_model_meta_with_another_models_manifest_is_manifest_mismatch(tiny, make_tiny):
+    other = make_tiny(b"another graph", "other")
+    meta = ModelMeta(tiny.sha, len(tiny.model), 1, other.manifest.to_json())
+    with pytest.raises(ProtocolError) as info:
+        ModelMeta.from_bytes(meta.to_bytes())
+    assert info.value.reason == "manifest_mismatch"
+    with pytest.raises(ProtocolError) as info:
+        meta.parse_manifest()  # a meta built in code is checked when its manifest is parsed
+    assert info.value.reason == "manifest_mismatch"
+
+
+@pytest.mark.parametrize("manifest", [{}, {"format": "nope"}, {"format": "litefed-model", "format_version": 2}])
+def test_a_model_meta_with_a_malformed_manifest_is_bad_json(tiny, manifest):
+    with pytest.raises(ProtocolError) as info:
+        ModelMeta.from_bytes(ModelMeta(tiny.sha, 10, 1, manifest).to_bytes())
+    assert info.value.reason == "bad_json"
+
+
+def test_model_bytes_must_have_the_size_model_meta_announced(tiny):
+    meta = tiny.meta(1024)
+    meta.check_model(tiny.model)
+    for model in (tiny.model[:-1], tiny.model + b"\0"):
+        with pytest.raises(ProtocolError) as info:
+            meta.check_model(model)
+        assert info.value.reason == "size_mismatch"
+
+
+NUMBERS = st.one_of(
+    st.integers(),
+    st.integers(min_value=10**300, max_value=10**400),  # beyond the float range
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=5),
+)
+
+
+FIELDS = st.sampled_from(["round", "deadline", "epochs", "lr", "mu"])
+
+
+def _valid_or_protocol_error(parse) -> None:
+    try:
+        msg = parse()
+    except ProtocolError:
+        return
+    assert all(isinstance(v, float) and math.isfinite(v) for v in (msg.deadline, msg.lr, msg.mu))
+    assert isinstance(msg.round, int) and msg.round >= 0 and msg.epochs >= 1
+
+
+@settings(max_examples=200)
+@given(field=FIELDS, value=NUMBERS)
+def test_any_number_in_an_announcement_is_a_valid_message_or_a_protocol_error(field, value):
+    data = json.dumps({**json.loads(ROUND.to_bytes()), field: value}).encode()  # inf as Infinity, huge ints in full
+    _valid_or_protocol_error(lambda: RoundAnnouncement.from_bytes(data))
+
+
+@settings(max_examples=200)
+@given(field=FIELDS, value=NUMBERS)
+def test_fields_beyond_the_decoders_bounds_are_protocol_errors_too(field, value):
+    """The fields are checked on their own: a huge int that reached them is no OverflowError."""
+    obj = {**json.loads(ROUND.to_bytes()), field: value}
+    with mock.patch("edge_client.messages.loads_bounded", return_value=obj):
+        _valid_or_protocol_error(lambda: RoundAnnouncement.from_bytes(b"{}"))
+
+
+@pytest.mark.parametrize("text", ["1e309", "-1e400", "9" * 400, "1" + "0" * 309 + ".5"])
+@pytest.mark.parametrize("field", ["round", "deadline", "lr"])
+def test_numbers_beyond_the_float_range_are_bad_json(field, text):
+    raw = _round_json().replace(f'"{field}": '.encode(), f'"{field}": {text}, "_{field}": '.encode())
+    with pytest.raises(ProtocolError) as info:
+        RoundAnnouncement.from_bytes(raw)
+    assert info.value.reason == "bad_json"
 
 
 def test_topics_layout_and_client_extraction():
