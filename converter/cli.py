@@ -20,7 +20,10 @@ import tempfile
 import time
 
 from converter.errors import ConverterError, MissingExtraError
+from edge_client.cli_support import EXIT_INTERRUPTED, EXIT_OK, command, fail
 from edge_client.errors import EdgeClientError
+
+PROG = "litefed-convert"
 
 LOSS_CHOICES = ("sparse_categorical_crossentropy", "binary_crossentropy", "mean_squared_error")
 
@@ -50,7 +53,7 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="litefed-convert",
+        prog=PROG,
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -79,13 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
+    """Convert; return the exit status (only ``__main__`` calls ``sys.exit``)."""
     args = build_parser().parse_args(argv)
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
     if not _tensorflow_installed():
-        print(f"litefed-convert: error: {MissingExtraError('the converter', 'TensorFlow', 'converter')}",
-              file=sys.stderr)  # fmt: skip
-        return 1
+        return fail(PROG, MissingExtraError("the converter", "TensorFlow", "converter"))
     if not args.verbose:  # read by TensorFlow when it is imported; a user's own setting wins
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     start = time.perf_counter()
@@ -95,17 +98,16 @@ def main(argv: list[str] | None = None) -> int:
         with capture:
             _convert(args, log)
     except KeyboardInterrupt:
-        print("litefed-convert: interrupted", file=sys.stderr)
-        return 130
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ConverterError, EdgeClientError) as exc:  # what the user can fix: one line says how
-        print(f"litefed-convert: error: {exc}", file=sys.stderr)
-        return 1
+        return fail(PROG, exc)
     except Exception:
         if capture.text:  # a crash: TensorFlow's log may explain it
             print(f"litefed-convert: TensorFlow's log before the error:\n{capture.text.rstrip()}", file=sys.stderr)
         raise
     log(f"done in {time.perf_counter() - start:.1f} s")
-    return 0
+    return EXIT_OK
 
 
 def _convert(args: argparse.Namespace, log) -> None:

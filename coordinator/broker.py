@@ -31,6 +31,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from coordinator.errors import CoordinatorError, MissingExtraError
+from edge_client.cli_support import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_RUNTIME,
+    STOP_SIGNALS,
+    STOPPING,
+    StopSignals,
+    command,
+    setup_logging,
+)
 from edge_client.transport import DEFAULT_QUEUE_SIZE
 
 log = logging.getLogger(__name__)
@@ -417,7 +427,8 @@ def _mosquitto_config(host: str, port: int, log_file: Path, allow_anonymous: boo
 
 # -- command line ----------------------------------------------------------------------
 
-_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+PROG = "litefed-broker"
+_STOP_SIGNALS = STOP_SIGNALS + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 
 
 def _port(text: str) -> int:
@@ -429,7 +440,7 @@ def _port(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="litefed-broker",
+        prog=PROG,
         description="Run an MQTT broker on 127.0.0.1 for a local litefed federation. "
         "Prints its URL, then runs until Ctrl+C (or SIGTERM, SIGHUP).",
     )
@@ -444,69 +455,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
+    """Run the broker until a stop signal; return the exit status (130 if a second one forced it)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(level=logging.WARNING)  # the URL and the stop are said on stdout/stderr, not logged
     broker = EmbeddedBroker(args.kind, port=args.port)
-    with _StopSignals(broker) as signals:
+    # The handlers only record the request, never raise: an exception could strike in the middle
+    # of the clean-up and leave mosquitto or its folder behind. A second signal kills mosquitto.
+    with StopSignals(signals=_STOP_SIGNALS, on_repeat=broker.kill, announce=False) as signals:
         try:
             code = _serve(broker, signals)
         finally:  # whatever happened to stdout (a dead tee), to us (a signal) or to the broker
             broker.stop()
-    return 130 if signals.forced else code
+    return EXIT_INTERRUPTED if signals.repeated else code
 
 
-def _serve(broker: EmbeddedBroker, signals: _StopSignals) -> int:
+def _serve(broker: EmbeddedBroker, signals: StopSignals) -> int:
     try:
         url = broker.start()
     except PortInUseError as exc:
-        _say(f"litefed-broker: error: {exc.host}:{exc.port} is in use (another broker?); "
+        _say(f"{PROG}: error: {exc.host}:{exc.port} is in use (another broker?); "
              "pass --port N or --port 0 for a free one", sys.stderr)  # fmt: skip
-        return 1
+        return EXIT_RUNTIME
     except CoordinatorError as exc:
-        _say(f"litefed-broker: error: {exc}", sys.stderr)
-        return 1
+        _say(f"{PROG}: error: {exc}", sys.stderr)
+        return EXIT_RUNTIME
     _say(url, sys.stdout)
     hint = "the other commands' default --broker" if broker.port == DEFAULT_PORT else f"pass --broker {url}"
-    _say(f"litefed-broker: {broker.kind} listening on {url} ({hint}); Ctrl+C stops it", sys.stderr)
-    while signals.received is None and broker.running:
+    _say(f"{PROG}: {broker.kind} listening on {url} ({hint}); Ctrl+C stops it", sys.stderr)
+    while not signals.stop.is_set() and broker.running:
         time.sleep(0.1)
-    if signals.received is None:
-        _say(f"litefed-broker: error: the {broker.kind} broker stopped unexpectedly", sys.stderr)
-        return 1
-    _say("litefed-broker: stopping (Ctrl+C again to force)", sys.stderr)
-    return 0
-
-
-class _StopSignals:
-    """SIGINT, SIGTERM and SIGHUP ask to stop; a second one forces it (kills mosquitto).
-
-    The handlers only record the request, never raise: an exception could strike
-    in the middle of the clean-up and leave mosquitto or its folder behind.
-    """
-
-    def __init__(self, broker: EmbeddedBroker):
-        self.broker = broker
-        self.received: int | None = None
-        self.forced = False
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():  # only it may set handlers
-            for signum in _STOP_SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.received is None:
-            self.received = signum
-        else:
-            self.forced = True
-            self.broker.kill()
+    if not signals.stop.is_set():
+        _say(f"{PROG}: error: the {broker.kind} broker stopped unexpectedly", sys.stderr)
+        return EXIT_RUNTIME
+    _say(f"{PROG}: {STOPPING}", sys.stderr)
+    return EXIT_OK
 
 
 def _say(text: str, stream) -> None:

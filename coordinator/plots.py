@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from coordinator.errors import MissingExtraError
+from edge_client.cli_support import EXIT_OK, command, fail
 
 
 def plot_rounds(
@@ -112,15 +113,16 @@ def _save(fig, out: Path) -> Path:
     return out
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     """``litefed-plot``: compare runs (their ``metrics.jsonl``) in one PNG."""
     import argparse
-    import sys
 
     from coordinator.metrics import read_jsonl
 
+    prog = "litefed-plot"
     p = argparse.ArgumentParser(
-        prog="litefed-plot",
+        prog=prog,
         description="Plot test accuracy and loss per round of one or more runs on shared axes.",
         epilog="example: litefed-plot runs/iid runs/noniid --label IID --label non-IID --out compare.png",
     )
@@ -132,8 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _pyplot()  # before reading any run: a missing matplotlib is the first thing to fix
     except MissingExtraError as exc:
-        print(f"litefed-plot: error: {exc}", file=sys.stderr)
-        return 1
+        return fail(prog, exc)
     labels = args.label or [run.name if run.is_dir() else run.parent.name for run in args.runs]
     if len(labels) != len(args.runs):
         p.error(f"{len(labels)} --label for {len(args.runs)} runs; give one per run or none")
@@ -141,12 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for label, run in zip(labels, args.runs, strict=True):
         path = run / "metrics.jsonl" if run.is_dir() else run
         if not path.is_file():
-            print(f"litefed-plot: error: {path} not found (expected a run directory with metrics.jsonl)",
-                  file=sys.stderr)  # fmt: skip
-            return 1
+            return fail(prog, f"{path} not found (expected a run directory with metrics.jsonl)")
         runs[label] = read_jsonl(path)
     print(plot_rounds(runs, args.out, args.title))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

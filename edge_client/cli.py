@@ -4,21 +4,33 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import sys
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from edge_client.broker_url import redact_url
+from edge_client.cli_support import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_RUNTIME,
+    EXIT_USAGE,
+    Interrupted,
+    StopSignals,
+    add_verbose_argument,
+    command,
+    print_error,
+    setup_logging,
+)
 from edge_client.config import DATA_KINDS, ClientConfig, load_config, parse_data_spec
 from edge_client.errors import BrokerUrlError, ConfigError, DataError, EdgeClientError, StateError
-from edge_client.transport import Message, Transport, redact_url
+from edge_client.transport import Message, Transport
+
+if TYPE_CHECKING:
+    from edge_client.client import EdgeClient
 
 log = logging.getLogger("edge_client.cli")
 
-EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
-EXIT_INTERRUPTED = 130
+PROG = "litefed-client"
 
 DESCRIPTION = """\
 Run a litefed edge client: connect to the federation's MQTT broker, download
@@ -65,7 +77,7 @@ exit status: 0 stopped normally, 1 runtime error (broker, disk), 2 bad configura
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="litefed-client",
+        prog=PROG,
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -78,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--x-key", metavar="NAME", help="npz data: the inputs' array (default 'x', else 'x_train')")
     p.add_argument("--y-key", metavar="NAME", help="npz data: the labels' array (default 'y', else 'y_train')")
     p.add_argument("--state-dir", type=Path, metavar="DIR", help="where the model, weights and progress are kept")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v: debug)")
+    add_verbose_argument(p)
     return p
 
 
@@ -99,66 +111,29 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def make_transport(config: ClientConfig, will: Message) -> Transport:
     """The MQTT transport for ``config``: the one place that knows MqttTransport's constructor."""
-    from edge_client.mqtt import BrokerUrl, MqttTransport  # paho is imported only here
+    from edge_client.mqtt import MqttTransport  # paho is imported only here
 
-    url = BrokerUrl.parse(
-        config.broker_url, ca_file=config.ca_file, cert_file=config.cert_file, key_file=config.key_file
-    )
-    return MqttTransport(url, config.client_id, will=will)
+    return MqttTransport(config.broker(), config.client_id, will=will)
 
 
-def setup_logging(verbosity: int) -> None:
-    """Timestamped log lines on stderr (left alone if the host program configured logging)."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbosity > 0 else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
-class _Interrupted(KeyboardInterrupt):
-    """A second SIGINT/SIGTERM: stop at once, without the graceful shutdown."""
-
-
-def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
-    """First signal: set ``stop``; second: raise :class:`_Interrupted`. Returns an undo function."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None  # signal handlers can only be set from the main thread
-
-    def handler(signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if stop.is_set():
-            raise _Interrupted(f"{name} received twice")
-        log.info("%s received: stopping (send it again to exit at once)", name)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def restore() -> None:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-    return restore
-
-
+@command
 def main(argv: Sequence[str] | None = None, *, transport_factory: Callable[..., Transport] | None = None) -> int:
     """Run the client; return the exit status (only ``__main__`` calls ``sys.exit``)."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help, or a usage error argparse has already printed
-        return exc.code if isinstance(exc.code, int) else EXIT_CONFIG
+    args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
         config = load_config(args.config, overrides_from_args(args))
     except ConfigError as exc:
-        print(f"litefed-client: configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        print_error(PROG, exc, label="configuration error")
+        return EXIT_USAGE
+    with StopSignals() as signals:
+        return _run(config, signals, transport_factory or make_transport)
 
+
+def _run(config: ClientConfig, signals: StopSignals, transport_factory: Callable[..., Transport]) -> int:
+    """Start the client and run it until ``signals`` says stop; the exit status."""
     from edge_client.client import EdgeClient, last_will  # after logging is set up: loads LiteRT
 
-    stop = threading.Event()
-    restore_signals = _install_signal_handlers(stop)
     client = None
     try:
         log.info(
@@ -170,15 +145,14 @@ def main(argv: Sequence[str] | None = None, *, transport_factory: Callable[..., 
             config.state_dir,
         )
         try:
-            transport = (transport_factory or make_transport)(config, last_will(config))
-            client = EdgeClient(config, transport)
+            client = EdgeClient(config, transport_factory(config, last_will(config)))
             client.start()
         except (BrokerUrlError, DataError, StateError, ConfigError) as exc:
             log.error("%s", exc)
-            return EXIT_CONFIG
-        client.run(stop)
+            return EXIT_USAGE
+        client.run(signals.stop)
         return EXIT_OK
-    except _Interrupted:
+    except Interrupted:
         log.warning("interrupted twice: exiting without a clean shutdown")
         client = None  # no offline presence: the broker's Last Will says it
         return EXIT_INTERRUPTED
@@ -191,10 +165,13 @@ def main(argv: Sequence[str] | None = None, *, transport_factory: Callable[..., 
         log.exception("unexpected error")
         return EXIT_RUNTIME
     finally:
-        try:
-            if client is not None:
-                client.close()
-        except KeyboardInterrupt:  # interrupted again while shutting down
-            pass
-        finally:
-            restore_signals()
+        _close(client)
+
+
+def _close(client: EdgeClient | None) -> None:
+    """Close ``client`` (offline presence, clean disconnect) unless a second interrupt cuts it short."""
+    try:
+        if client is not None:
+            client.close()
+    except KeyboardInterrupt:  # interrupted again while shutting down
+        pass

@@ -51,12 +51,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
+from edge_client.broker_url import TLS_FILES, BrokerUrl
 from edge_client.chunks import DEFAULT_MAX_CHUNK, HEADER_SIZE
-from edge_client.errors import ConfigError
+from edge_client.errors import BrokerUrlError, ConfigError
 from edge_client.topics import Topics, check_name
-from edge_client.transport import redact_url
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -64,7 +63,6 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 DATA_KINDS = ("npz", "images", "csv")
-BROKER_SCHEMES = ("mqtt", "mqtts")
 # MQTT's hard limit on one message (the remaining-length field), minus room for the topic.
 MAX_CHUNK_LIMIT = 256 * 1024 * 1024 - 64 * 1024
 # Options of [data] that belong to one kind only.
@@ -101,25 +99,12 @@ def _check_path(name: str, value: Any) -> Path:
     return Path(_check_str(name, value)).expanduser()
 
 
-def check_broker_url(url: Any, name: str = "broker_url") -> str:
-    """``mqtt://[user[:pass]@]host[:port]`` or ``mqtts://...``; raise :class:`ConfigError`."""
-    hint = "expected mqtt://[user:pass@]host[:port] or mqtts://... for TLS"
-    if not isinstance(url, str) or "://" not in url:
-        raise _fail(name, f"{redact_url(str(url))!r} is not a URL; {hint}")
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in BROKER_SCHEMES:
-        raise _fail(name, f"scheme {parts.scheme!r} is not allowed; {hint}")
-    if not parts.hostname:
-        raise _fail(name, f"{redact_url(url)!r} has no host; {hint}")
+def _parse_broker_url(url: Any) -> BrokerUrl:
+    """``broker_url`` checked by :class:`BrokerUrl` (its TLS files apart); :class:`ConfigError` names the field."""
     try:
-        port = parts.port
-    except ValueError:
-        raise _fail(name, f"{redact_url(url)!r} has an invalid port; use 1..65535 (1883 plain, 8883 TLS)") from None
-    if port == 0:
-        raise _fail(name, f"{redact_url(url)!r} has an invalid port; use 1..65535 (1883 plain, 8883 TLS)")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise _fail(name, f"{redact_url(url)!r} must not have a path, query or fragment; {hint}")
-    return url
+        return BrokerUrl.parse(url)
+    except BrokerUrlError as exc:
+        raise _fail("broker_url", str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -191,7 +176,7 @@ class ClientConfig:
         except ValueError as exc:
             raise _fail("client_id", str(exc)) from None
         object.__setattr__(self, "state_dir", _check_path("state_dir", self.state_dir))
-        check_broker_url(self.broker_url)
+        url = _parse_broker_url(self.broker_url)
         try:
             check_name("federation", self.federation)
         except ValueError as exc:
@@ -215,21 +200,26 @@ class ClientConfig:
         _check_int("max_chunk", self.max_chunk, HEADER_SIZE + 1, MAX_CHUNK_LIMIT)
         if self.seed is not None:
             _check_int("seed", self.seed, 0)
-        for name in ("ca_file", "cert_file", "key_file"):
+        for name in TLS_FILES:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, _check_path(name, value))
-        tls_files = [n for n in ("ca_file", "cert_file", "key_file") if getattr(self, n) is not None]
-        if tls_files and urlsplit(self.broker_url).scheme.lower() != "mqtts":
-            raise _fail(tls_files[0], "TLS files need an mqtts:// broker_url")
-        if (self.cert_file is None) != (self.key_file is None):
-            raise _fail(
-                "cert_file" if self.cert_file is None else "key_file", "mutual TLS needs both cert_file and key_file"
-            )
+        problem = url.tls_files_problem(ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file)
+        if problem is not None:
+            raise _fail(*problem)
 
     @property
     def topics(self) -> Topics:
         return Topics(self.federation, self.topic_prefix)
+
+    def broker(self) -> BrokerUrl:
+        """The broker to connect to: ``broker_url`` with the TLS files.
+
+        Raises :class:`~edge_client.errors.BrokerUrlError` if a TLS file is
+        missing; that is checked here, on the board, not when the
+        configuration is read.
+        """
+        return BrokerUrl.parse(self.broker_url, ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file)
 
 
 def default_state_dir(federation: str, client_id: str) -> Path:

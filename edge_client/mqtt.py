@@ -18,21 +18,18 @@ client receives when it subscribes again.
 from __future__ import annotations
 
 import logging
-import random
 import ssl
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edge_client.broker_url import Backoff, BrokerUrl  # paho-free; importable from here as before
 from edge_client.errors import (
     BrokerAuthError,
     BrokerUnavailable,
@@ -50,12 +47,10 @@ from edge_client.transport import (
     MessageQueue,
     check_pattern,
     check_topic,
-    redact_url,
 )
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 PROTOCOLS = {"3.1.1": paho.MQTTv311, "5": paho.MQTTv5}
 # paho keeps every QoS 1 message until its PUBACK and resends it after a
 # reconnection; cap that store so a long outage cannot exhaust a board's RAM.
@@ -64,133 +59,6 @@ MAX_UNACKED_PUBLISHES = 64
 PUBLISH_WINDOW = 32
 # CONNACK reason codes that mean "your credentials or certificate": retrying will not help.
 _AUTH_REFUSALS = {134, 135, 138, 140}  # bad user name or password, not authorized, banned, bad auth method
-
-
-# -- broker URLs ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BrokerUrl:
-    """Where and how to reach a broker: ``mqtt://[user[:pass]@]host[:port]`` or ``mqtts://``.
-
-    ``mqtts`` uses TLS (default port 8883) and checks the broker's certificate
-    against ``ca_file`` (the system CAs when None). ``cert_file`` and
-    ``key_file`` authenticate the client (mutual TLS, as AWS IoT Core uses).
-    ``str()`` hides the password, so a URL can go into logs and messages.
-    """
-
-    host: str
-    port: int = 1883
-    tls: bool = False
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-
-    def __post_init__(self) -> None:
-        if not self.host:
-            raise BrokerUrlError("the broker URL has no host; expected mqtt://host:1883 or mqtts://host:8883")
-        if not 1 <= self.port <= 65535:
-            raise BrokerUrlError(f"broker port {self.port} is out of range; use 1..65535 (1883 plain, 8883 TLS)")
-        if self.password is not None and self.username is None:
-            raise BrokerUrlError(f"{self}: a password needs a user name, as in mqtt://user:pass@host")
-        files = {"ca_file": self.ca_file, "cert_file": self.cert_file, "key_file": self.key_file}
-        given = {name: path for name, path in files.items() if path is not None}
-        if given and not self.tls:
-            raise BrokerUrlError(f"{self}: {', '.join(given)} need TLS; use an mqtts:// URL")
-        if (self.cert_file is None) != (self.key_file is None):
-            raise BrokerUrlError(f"{self}: mutual TLS needs both cert_file and key_file")
-        for name, path in given.items():
-            object.__setattr__(self, name, Path(path))
-            if not Path(path).is_file():
-                raise BrokerUrlError(f"{self}: {name} {path} not found")
-
-    @classmethod
-    def parse(
-        cls,
-        url: str,
-        *,
-        ca_file: str | Path | None = None,
-        cert_file: str | Path | None = None,
-        key_file: str | Path | None = None,
-    ) -> BrokerUrl:
-        """Parse ``url``; raise :class:`BrokerUrlError` saying what is wrong."""
-        hint = "expected mqtt://[user:pass@]host[:port] or mqtts://... for TLS"
-        if not isinstance(url, str) or "://" not in url:
-            raise BrokerUrlError(f"broker URL {url!r} is not a URL; {hint}")
-        parts = urlsplit(url.strip())
-        scheme = parts.scheme.lower()
-        if scheme not in DEFAULT_PORTS:
-            raise BrokerUrlError(
-                f"broker URL {redact_url(url)!r} has scheme {parts.scheme!r}; "
-                "use mqtt:// (plain TCP, port 1883) or mqtts:// (TLS, port 8883)"
-            )
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise BrokerUrlError(
-                f"broker URL {redact_url(url)!r} must not have a path, query or fragment; "
-                "pass TLS files as ca_file=, cert_file=, key_file="
-            )
-        try:
-            port = parts.port
-        except ValueError as exc:
-            raise BrokerUrlError(f"broker URL {redact_url(url)!r} has an invalid port ({exc}); {hint}") from exc
-        if not parts.hostname:
-            raise BrokerUrlError(f"broker URL {redact_url(url)!r} has no host; {hint}")
-        return cls(
-            host=parts.hostname,
-            port=DEFAULT_PORTS[scheme] if port is None else port,
-            tls=scheme == "mqtts",
-            username=unquote(parts.username) if parts.username else None,
-            password=None if parts.password is None else unquote(parts.password),
-            ca_file=None if ca_file is None else Path(ca_file),
-            cert_file=None if cert_file is None else Path(cert_file),
-            key_file=None if key_file is None else Path(key_file),
-        )
-
-    def __str__(self) -> str:
-        scheme = "mqtts" if self.tls else "mqtt"
-        user = ""
-        if self.username is not None:
-            user = self.username + (":***" if self.password is not None else "") + "@"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{scheme}://{user}{host}:{self.port}"
-
-
-# -- reconnection --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Delays between reconnection attempts: exponential, capped, with "equal jitter".
-
-    Attempt ``n`` (from 0) waits a uniform random time in ``[d * (1 - jitter), d]``
-    where ``d = min(maximum, initial * factor**n)``. With the defaults that is
-    0.5-1 s, 1-2 s, 2-4 s, ... up to 30-60 s. The jitter spreads a fleet of
-    boards that lost a restarting broker at the same moment, so they do not
-    reconnect in lockstep; the lower bound keeps one board from hammering a
-    broker that is down. A successful connection resets ``n`` to 0.
-    """
-
-    initial: float = 1.0
-    maximum: float = 60.0
-    factor: float = 2.0
-    jitter: float = 0.5
-
-    def __post_init__(self) -> None:
-        if not 0 < self.initial <= self.maximum:
-            raise ValueError(f"need 0 < initial <= maximum, got {self.initial} and {self.maximum}")
-        if self.factor < 1:
-            raise ValueError(f"factor must be >= 1, got {self.factor}")
-        if not 0 <= self.jitter <= 1:
-            raise ValueError(f"jitter must be in [0, 1], got {self.jitter}")
-
-    def delay(self, attempt: int, rand: float | None = None) -> float:
-        """Seconds to wait before attempt ``attempt``; ``rand`` in [0, 1) replaces the random draw."""
-        draw = random.random() if rand is None else rand
-        # Clamp the exponent: factor**attempt would overflow a float after ~1000 attempts.
-        ceiling = min(self.maximum, self.initial * self.factor ** min(attempt, 64))
-        return ceiling * (1.0 - self.jitter * draw)
 
 
 # -- the transport -------------------------------------------------------------------

@@ -127,15 +127,6 @@ def _check_string(value: str, what: str) -> None:
         raise ValueError(f"an MQTT {what} is at most {_MAX_TOPIC_BYTES} bytes of UTF-8")
 
 
-def redact_url(url: str) -> str:
-    """A broker ``url`` with any password replaced by ``***``, for logs and messages."""
-    head, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in userinfo:
-        return url
-    return f"{head}://{userinfo.split(':', 1)[0]}:***@{host}"
-
-
 def topic_matches(pattern: str, topic: str) -> bool:
     """Whether ``topic`` matches the subscription ``pattern`` under MQTT rules.
 

@@ -17,12 +17,24 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from coordinator.cli.options import add_local_federation_arguments, add_round_arguments
+from coordinator.cli.settings import EmulateSettings
+from edge_client.broker_url import BrokerUrl
+from edge_client.cli_support import EXIT_OK, EXIT_RUNTIME, StopSignals, command, fail, parse_settings, setup_logging
+
+if TYPE_CHECKING:
+    from coordinator.broker import EmbeddedBroker
+
 log = logging.getLogger("litefed.emulate")
+
+PROG = "litefed-emulate"
 
 EPILOG = """\
 examples:
@@ -44,10 +56,8 @@ class ClientProcess:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from coordinator.cli.coordinate import add_local_federation_arguments, add_round_arguments
-
     p = argparse.ArgumentParser(
-        prog="litefed-emulate",
+        prog=PROG,
         description=__doc__.split("\n\n")[1],
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -131,65 +141,56 @@ def _watch_clients(clients: list[ClientProcess], stop: threading.Event, done: th
             stop.set()
 
 
-def main(argv: list[str] | None = None) -> int:
-    from coordinator.cli.coordinate import check_round_arguments, make_transport, setup_logging, signal_handlers
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_round_arguments(parser, args)
+@command
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the emulation; return the exit status (only ``__main__`` calls ``sys.exit``)."""
+    args, settings = parse_settings(build_parser(), argv, EmulateSettings.from_args)
     setup_logging(args.verbose)
-    if args.clients < 1:
-        print("litefed-emulate: error: --clients must be at least 1", file=sys.stderr)
-        return 2
-    stop = threading.Event()
-    try:
-        with signal_handlers(stop):
-            return _emulate(args, stop, make_transport)
-    except KeyboardInterrupt:
-        return 130
+    with StopSignals() as signals:
+        return _emulate(settings, signals.stop)
 
 
-def _emulate(args: argparse.Namespace, stop: threading.Event, make_transport) -> int:
+def _emulate(settings: EmulateSettings, stop: threading.Event) -> int:
     from coordinator.broker import EmbeddedBroker
+    from coordinator.cli.coordinate import make_transport
     from coordinator.cli.wiring import build_coordinator, prepare_local_federation, report_local_run, run_with_progress
     from coordinator.errors import CoordinatorError
     from edge_client.errors import EdgeClientError
 
+    errors = (CoordinatorError, EdgeClientError, FileNotFoundError, ValueError)
     started = time.monotonic()
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    run, local = settings.run, settings.local
+    run.out.mkdir(parents=True, exist_ok=True)
     try:
-        x, y, parts = prepare_local_federation(args)
-    except (CoordinatorError, EdgeClientError, FileNotFoundError, ValueError) as exc:
-        print(f"litefed-emulate: error: {exc}", file=sys.stderr)
-        return 1
-    args.wait_for_clients = args.wait_for_clients or 300.0
-
-    broker = None
-    if "://" in args.broker:
-        url = args.broker
-    else:
-        broker = EmbeddedBroker(kind=args.broker)
-        url = broker.start()
-        log.info("broker: %s (%s)", url, broker.kind)
-    args.broker = url  # the coordinator connects to the broker actually running
+        federation = prepare_local_federation(run, local)
+    except errors as exc:
+        return fail(PROG, exc)
+    broker = EmbeddedBroker(kind=settings.broker_kind) if settings.broker_url is None else None
     clients: list[ClientProcess] = []
     done = threading.Event()
     try:
-        clients = start_clients(write_client_files(out, x, y, parts, url, args.federation, args.seed))
+        url = settings.broker_url if broker is None else _start(broker)  # the coordinator connects to it
+        files = write_client_files(run.out, federation.x, federation.y, federation.parts, url.geturl(redact=False),
+                                   settings.service.federation, run.seed)  # fmt: skip
+        clients = start_clients(files)
         threading.Thread(target=_watch_clients, args=(clients, stop, done), daemon=True).start()
-        coordinator = build_coordinator(args, make_transport)
-        history = run_with_progress(coordinator, stop, progress=not args.no_progress)
-    except (CoordinatorError, EdgeClientError, FileNotFoundError, ValueError) as exc:
-        print(f"litefed-emulate: error: {exc}", file=sys.stderr)
-        return 1
+        coordinator = build_coordinator(settings.coordinator(federation.run, url), make_transport)
+        history = run_with_progress(coordinator, stop, progress=run.progress)
+    except errors as exc:
+        return fail(PROG, exc)
     finally:
         done.set()
         stop_clients(clients)
         if broker is not None:
             broker.stop()
-    report_local_run(history, started, out, f"{args.clients} clients, {args.partition}", "litefed emulation")
-    return 0 if history else 1
+    report_local_run(history, started, run.out, f"{local.clients} clients, {local.partition}", "litefed emulation")
+    return EXIT_OK if history else EXIT_RUNTIME
+
+
+def _start(broker: EmbeddedBroker) -> BrokerUrl:
+    url = broker.start()
+    log.info("broker: %s (%s)", url, broker.kind)
+    return BrokerUrl.parse(url)
 
 
 if __name__ == "__main__":

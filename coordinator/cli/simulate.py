@@ -14,7 +14,13 @@ import os
 import sys
 import threading
 import time
-from pathlib import Path
+from collections.abc import Sequence
+
+from coordinator.cli.options import add_local_federation_arguments, add_round_arguments
+from coordinator.cli.settings import SimulateSettings
+from edge_client.cli_support import EXIT_OK, EXIT_RUNTIME, StopSignals, command, fail, parse_settings, setup_logging
+
+PROG = "litefed-simulate"
 
 EPILOG = """\
 examples:
@@ -32,10 +38,8 @@ depend only on --seed, not on --workers.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from coordinator.cli.coordinate import add_local_federation_arguments, add_round_arguments
-
     p = argparse.ArgumentParser(
-        prog="litefed-simulate",
+        prog=PROG,
         description=__doc__.split("\n\n")[1],
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -62,55 +66,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from coordinator.cli.coordinate import check_round_arguments, setup_logging, signal_handlers
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_round_arguments(parser, args)
+@command
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the simulation; return the exit status (only ``__main__`` calls ``sys.exit``)."""
+    args, settings = parse_settings(build_parser(), argv, SimulateSettings.from_args)
     setup_logging(args.verbose)
-    if args.clients < 1 or args.workers < 0:
-        print("litefed-simulate: error: --clients must be >= 1 and --workers >= 0", file=sys.stderr)
-        return 2
-    stop = threading.Event()
-    try:
-        with signal_handlers(stop):
-            return _simulate(args, stop)
-    except KeyboardInterrupt:
-        return 130
+    with StopSignals() as signals:
+        return _simulate(settings, signals.stop)
 
 
-def _simulate(args: argparse.Namespace, stop: threading.Event) -> int:
-    from coordinator.cli.wiring import build_strategy, prepare_local_federation, report_local_run, round_progress
+def _simulate(settings: SimulateSettings, stop: threading.Event) -> int:
+    from coordinator.cli.wiring import (
+        build_strategy,
+        model_of,
+        prepare_local_federation,
+        report_local_run,
+        round_progress,
+    )
     from coordinator.errors import CoordinatorError
     from coordinator.simulator import Simulation, SimulationConfig
     from edge_client.errors import EdgeClientError
 
     started = time.monotonic()
-    out = args.out
+    run, local = settings.run, settings.local
     try:
-        x, y, parts = prepare_local_federation(args)
-        # Seeded DP noise: research only. The workers are idle while the server evaluates.
-        strategy = build_strategy(args, Path(args.model), dp_seed=args.seed, eval_threads=max(1, args.workers))
-        datasets = {f"client-{i:03d}": (x[idx], y[idx]) for i, idx in enumerate(parts)}
+        federation = prepare_local_federation(run, local)
         config = SimulationConfig(
-            model_path=Path(args.model),
-            rounds=args.rounds,
-            workers=args.workers,
-            seed=args.seed,
-            out=out,
-            target_accuracy=args.target_accuracy,
+            model_path=model_of(federation.run),
+            rounds=run.rounds,
+            workers=settings.workers,
+            seed=run.seed,
+            out=run.out,
+            target_accuracy=settings.target_accuracy,
         )
-        simulation = Simulation(config, strategy, datasets)
-        with round_progress(args.rounds, simulation.completed_round, not args.no_progress) as on_round:
+        simulation = Simulation(config, build_strategy(federation.run), federation.datasets())
+        with round_progress(run.rounds, simulation.completed_round, run.progress) as on_round:
             simulation.on_round = on_round
             history = simulation.run(stop)
     except (CoordinatorError, EdgeClientError, FileNotFoundError, ValueError) as exc:
-        print(f"litefed-simulate: error: {exc}", file=sys.stderr)
-        return 1
-    label = f"{args.clients} clients, {args.partition}, {args.strategy}"
-    records = report_local_run(history, started, out, label, "litefed simulation")
-    return 0 if records else 1
+        return fail(PROG, exc)
+    label = f"{local.clients} clients, {local.partition}, {run.strategy.name}"
+    records = report_local_run(history, started, run.out, label, "litefed simulation")
+    return EXIT_OK if records else EXIT_RUNTIME
 
 
 if __name__ == "__main__":

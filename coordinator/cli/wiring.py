@@ -1,12 +1,12 @@
-"""Wiring for the command lines: build a coordinator or a strategy from options
-and run it with a progress bar, and the set-up and report that the local runs
-(``litefed-emulate`` and ``litefed-simulate``) share. Kept apart from
-:mod:`coordinator.cli.coordinate` so that ``--help`` stays light."""
+"""Wiring for the command lines: build a coordinator or a strategy from the
+settings and run it with a progress bar, and the set-up and report that the
+local runs (``litefed-emulate`` and ``litefed-simulate``) share. Kept apart
+from the commands' modules so that ``--help`` stays light."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -18,72 +18,84 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from coordinator.builtin_models import builtin_model
-from coordinator.cli.coordinate import fill_local_round_sizes, strategy_options
+from coordinator.cli.settings import (
+    BrokerSettings,
+    CoordinatorSettings,
+    EvaluationSettings,
+    LocalSettings,
+    RunSettings,
+    StrategySettings,
+)
 from coordinator.datasets import load_test_set, load_training_data
 from coordinator.errors import CoordinatorError
 from coordinator.evaluation import ServerEvaluator
 from coordinator.metrics import RoundMetrics, read_jsonl
 from coordinator.plots import plot_rounds
 from coordinator.service import Coordinator, CoordinatorConfig
-from coordinator.strategies import STRATEGIES, RoundConfig, Strategy
-from coordinator.strategies.dp import DifferentialPrivacy
-from edge_client.manifest import load_manifest, manifest_path_for
+from coordinator.strategies import RoundConfig, Strategy
+from edge_client.manifest import Manifest, load_manifest, manifest_path_for
 from edge_client.transport import Transport
 
 log = logging.getLogger(__name__)
 
 
-def build_strategy(
-    args: argparse.Namespace, model_path: Path, dp_seed: int | None = None, eval_threads: int | None = None
-) -> Strategy:
-    """The strategy (with its evaluator and round config) that the options describe."""
+def build_strategy(run: RunSettings) -> Strategy:
+    """The strategy (with its evaluator, round config and DP) that ``run`` describes."""
+    model_path = model_of(run)
     manifest = load_manifest(manifest_path_for(model_path))
-    lr = args.lr if args.lr is not None else float(manifest.optimizer["learning_rate"])
-    evaluate = None
-    if args.test_data:
-        x, y = load_test_set(args.test_data, manifest)
-        evaluate = ServerEvaluator(model_path.read_bytes(), manifest, x, y, num_threads=eval_threads)
-        log.info("evaluating on %d held-out examples from %s", len(x), args.test_data)
-    else:
+    lr = run.training.lr if run.training.lr is not None else float(manifest.optimizer["learning_rate"])
+    round_config = RoundConfig(epochs=run.training.epochs, lr=lr, mu=run.strategy.mu or 0.0, codec=run.training.codec)
+    strategy = make_strategy(run.strategy, round_config, _evaluator(run.evaluation, model_path, manifest))
+    dp = run.privacy
+    if dp is not None:
+        strategy = dp.wrap(strategy)
+        log.info("differential privacy: clip %g, noise multiplier %g, delta %g", dp.clip, dp.noise, dp.delta)
+    return strategy
+
+
+def make_strategy(settings: StrategySettings, round_config: RoundConfig, evaluate) -> Strategy:
+    """The strategy named by ``--strategy``: its class's defaults, overridden by the options given."""
+    return settings.build(round_config, evaluate)
+
+
+def _evaluator(settings: EvaluationSettings, model_path: Path, manifest: Manifest) -> ServerEvaluator | None:
+    if not settings.test_data:
         log.warning(
             "no held-out set: the global model is not evaluated and metrics.jsonl has no test accuracy; "
             "pass --test-data (mnist-small, mnist or an .npz), or give --data an .npz with x_test/y_test"
         )
-    round_config = RoundConfig(epochs=args.epochs, lr=lr, mu=args.mu or 0.0, codec=args.codec)
-    strategy = make_strategy(args, round_config, evaluate)
-    if args.dp_clip is not None:
-        strategy = DifferentialPrivacy(strategy, args.dp_clip, args.dp_noise, args.dp_delta, seed=dp_seed)
-        log.info("differential privacy: clip %g, noise multiplier %g, delta %g", args.dp_clip, args.dp_noise,
-                 args.dp_delta)  # fmt: skip
-    return strategy
+        return None
+    x, y = load_test_set(settings.test_data, manifest)
+    log.info("evaluating on %d held-out examples from %s", len(x), settings.test_data)
+    return ServerEvaluator(model_path.read_bytes(), manifest, x, y, num_threads=settings.threads)
 
 
-def build_coordinator(args: argparse.Namespace, make_transport: Callable[[str, str], Transport]) -> Coordinator:
-    """A coordinator configured from ``litefed-coordinator`` options."""
-    model_path = Path(args.model)
-    strategy = build_strategy(args, model_path)  # DP noise from OS entropy: never seeded in a deployment
-    out = Path(args.out)
+def model_of(run: RunSettings) -> Path:
+    """The run's model; a local run's is filled in by :func:`prepare_local_federation`."""
+    if run.model is None:
+        raise CoordinatorError("no model: pass --model, or prepare the local federation first")
+    return Path(run.model)
+
+
+def build_coordinator(
+    settings: CoordinatorSettings, make_transport: Callable[[BrokerSettings], Transport]
+) -> Coordinator:
+    """A coordinator configured from ``litefed-coordinator`` settings; the transport is made last."""
+    run, service = settings.run, settings.service
+    strategy = build_strategy(run)
     config = CoordinatorConfig(
-        model_path=model_path,
-        rounds=args.rounds,
-        round_timeout=args.round_timeout,
-        federation=args.federation,
-        topic_prefix=args.topic_prefix,
-        checkpoint_dir=out / "checkpoints",
-        metrics_path=out / "metrics.jsonl",
-        seed=args.seed,
-        max_attempts=args.max_attempts,
-        wait_for_clients=args.wait_for_clients,
+        model_path=model_of(run),
+        rounds=run.rounds,
+        round_timeout=service.round_timeout,
+        federation=service.federation,
+        topic_prefix=service.topic_prefix,
+        checkpoint_dir=run.out / "checkpoints",
+        metrics_path=run.out / "metrics.jsonl",
+        seed=run.seed,
+        max_attempts=service.max_attempts,
+        wait_for_clients=service.wait_for_clients,
     )
-    return Coordinator(config, make_transport(args.broker, f"coordinator-{args.federation}"), strategy)
-
-
-def make_strategy(args: argparse.Namespace, round_config: RoundConfig, evaluate) -> Strategy:
-    """The strategy named by ``--strategy``: its class's defaults, overridden by the options given."""
-    cls = STRATEGIES.get(args.strategy)
-    if cls is None:
-        raise CoordinatorError(f"unknown strategy {args.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    return cls(round_config=round_config, evaluate_fn=evaluate, **strategy_options(args))
+    return Coordinator(config, make_transport(settings.broker), strategy)
 
 
 def describe(metrics: RoundMetrics) -> str:
@@ -127,23 +139,35 @@ def run_with_progress(coordinator: Coordinator, stop: threading.Event, progress:
 # -- local runs: litefed-emulate and litefed-simulate ------------------------------------
 
 
-def prepare_local_federation(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """``(x, y, parts)`` from the local-run options, one index array per client.
+@dataclasses.dataclass(frozen=True, eq=False)
+class LocalFederation:
+    """A local run's data split among its clients, and its settings with the model and test set resolved."""
 
-    Resolves ``--model`` (the built-in MNIST CNN by default), loads ``--data``
-    (and its test split as the default ``--test-data``), splits it with
-    ``--partition`` and fills in ``--min-available`` / ``--min-fit`` from
-    ``--clients``.
+    run: RunSettings
+    x: np.ndarray
+    y: np.ndarray
+    parts: list[np.ndarray]  # one index array per client
+
+    def datasets(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``client-000``, ``client-001``, ... -> that client's ``(x, y)``."""
+        return {f"client-{i:03d}": (self.x[idx], self.y[idx]) for i, idx in enumerate(self.parts)}
+
+
+def prepare_local_federation(run: RunSettings, local: LocalSettings) -> LocalFederation:
+    """Load and split the data of a local run.
+
+    Resolves the model (the built-in MNIST CNN when ``run`` has none), loads
+    ``local.data`` (its test split becomes the held-out set unless one is
+    given) and splits it with ``local.partition``.
     """
-    args.model = args.model or builtin_model("mnist_cnn", args.batch_size)
-    manifest = load_manifest(manifest_path_for(args.model))
-    x, y, test = load_training_data(args.data, manifest)
-    args.test_data = args.test_data or test
-    parts = args.partition(y, args.clients, np.random.default_rng(args.seed))
-    log.info("%d examples split %s among %d clients (sizes %d..%d)", len(x), args.partition, args.clients,
+    model = run.model or builtin_model("mnist_cnn", local.batch_size)
+    manifest = load_manifest(manifest_path_for(model))
+    x, y, test = load_training_data(local.data, manifest)
+    evaluation = dataclasses.replace(run.evaluation, test_data=run.evaluation.test_data or test)
+    parts = local.partition(y, local.clients, np.random.default_rng(run.seed))
+    log.info("%d examples split %s among %d clients (sizes %d..%d)", len(x), local.partition, local.clients,
              min(map(len, parts)), max(map(len, parts)))  # fmt: skip
-    fill_local_round_sizes(args)
-    return x, y, parts
+    return LocalFederation(dataclasses.replace(run, model=Path(model), evaluation=evaluation), x, y, parts)
 
 
 def report_local_run(history: list[RoundMetrics], started: float, out: Path, label: str, title: str) -> list[dict]:

@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 
 from coordinator.cli import coordinate, emulate, simulate
+from coordinator.cli.settings import CoordinatorSettings, EmulateSettings, SimulateSettings, StrategySettings
 from coordinator.plots import plot_rounds
+from edge_client.cli_support import UsageError
+
+
+def coordinator_settings(*argv: str, model: str = "m.tflite") -> CoordinatorSettings:
+    """The settings ``litefed-coordinator --model MODEL ARGV...`` runs with."""
+    return CoordinatorSettings.from_args(coordinate.build_parser().parse_args(["--model", model, *argv]))
 
 
 @pytest.mark.parametrize(
@@ -110,20 +117,20 @@ def test_help_imports_nothing_heavy():
     ],
 )
 def test_strategy_that_cannot_work_is_a_usage_error(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        coordinate.main(["--model", "missing.tflite", *argv])
+    assert coordinate.main(["--model", "missing.tflite", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and re.search(message, err[-1]), err
+    assert re.search(message, err[-1]), err
 
 
 def test_local_runs_check_the_trimmed_mean_against_the_clients():
     parser = simulate.build_parser()
     few = parser.parse_args(["--clients", "4", "--strategy", "trimmed-mean"])
-    with pytest.raises(SystemExit):
-        coordinate.check_round_arguments(parser, few)
+    with pytest.raises(UsageError):
+        SimulateSettings.from_args(few)
     enough = parser.parse_args(["--clients", "5", "--strategy", "trimmed-mean"])
-    coordinate.check_round_arguments(parser, enough)  # 5 updates a round trim one from each end
-    assert (enough.min_fit, enough.min_available) == (5, 5)
+    strategy = SimulateSettings.from_args(enough).run.strategy  # 5 updates a round trim one from each end
+    assert (strategy.min_fit, strategy.min_available) == (5, 5)
+    assert (enough.min_fit, enough.min_available) == (None, None), "the settings must not change the arguments"
 
 
 @pytest.mark.parametrize("codec", ["float32", "int8", "int8-channel", "topk:0.01", "topk16:0.1"])
@@ -191,8 +198,8 @@ def test_strategy_options_build_the_named_strategy(argv, kind, attributes):
     from coordinator.cli.wiring import make_strategy
     from coordinator.strategies import RoundConfig
 
-    args = coordinate.build_parser().parse_args(["--model", "m.tflite", *argv])
-    strategy = make_strategy(args, RoundConfig(mu=args.mu or 0.0), None)
+    settings = coordinator_settings(*argv).run.strategy
+    strategy = make_strategy(settings, RoundConfig(mu=settings.mu or 0.0), None)
     assert type(strategy).__name__ == kind
     for name, value in attributes.items():
         assert getattr(strategy, name) == pytest.approx(value)
@@ -202,8 +209,8 @@ def test_fedprox_sends_its_mu_to_clients():
     from coordinator.cli.wiring import make_strategy
     from coordinator.strategies import RoundConfig
 
-    args = coordinate.build_parser().parse_args(["--model", "m.tflite", "--strategy", "fedprox", "--mu", "0.3"])
-    strategy = make_strategy(args, RoundConfig(mu=0.3), None)
+    settings = coordinator_settings("--strategy", "fedprox", "--mu", "0.3").run.strategy
+    strategy = make_strategy(settings, RoundConfig(mu=0.3), None)
     _, config = strategy.configure_round(1, ["a", "b"], np.random.default_rng(0))
     assert config.mu == pytest.approx(0.3)
 
@@ -213,8 +220,8 @@ def test_lr_decay_reaches_the_round_config_of_any_strategy():
     from coordinator.strategies import RoundConfig
 
     for name in ("fedavg", "fedavgm", "fedyogi", "median"):
-        args = coordinate.build_parser().parse_args(["--model", "m.tflite", "--strategy", name, "--lr-decay", "0.5"])
-        strategy = make_strategy(args, RoundConfig(lr=0.1), None)
+        settings = coordinator_settings("--strategy", name, "--lr-decay", "0.5").run.strategy
+        strategy = make_strategy(settings, RoundConfig(lr=0.1), None)
         _, config = strategy.configure_round(3, ["a", "b"], np.random.default_rng(0))
         assert config.lr == pytest.approx(0.025), name
 
@@ -224,9 +231,10 @@ def test_krum_refuses_too_few_clients_with_a_clear_error():
     from coordinator.errors import CoordinatorError
     from coordinator.strategies import RoundConfig
 
-    args = coordinate.build_parser().parse_args(["--model", "m.tflite", "--strategy", "krum"])  # min-fit 2 < 2f+3
     with pytest.raises(CoordinatorError, match="2f \\+ 3"):
-        make_strategy(args, RoundConfig(), None)
+        make_strategy(StrategySettings(name="krum"), RoundConfig(), None)  # min-fit 2 < 2f+3
+    with pytest.raises(UsageError, match="2f \\+ 3"):  # the same from the options, before anything runs
+        coordinator_settings("--strategy", "krum")
 
 
 def test_dp_options_wrap_the_named_strategy(tabular):
@@ -234,12 +242,11 @@ def test_dp_options_wrap_the_named_strategy(tabular):
     from coordinator.strategies import FedAvgM
     from coordinator.strategies.dp import DifferentialPrivacy
 
-    argv = ["--model", "m", "--strategy", "fedavgm", "--dp-clip", "0.5", "--dp-noise", "1.2", "--dp-delta", "1e-6"]
-    args = coordinate.build_parser().parse_args(argv)
-    strategy = build_strategy(args, tabular.model_path)
+    argv = ["--strategy", "fedavgm", "--dp-clip", "0.5", "--dp-noise", "1.2", "--dp-delta", "1e-6"]
+    strategy = build_strategy(coordinator_settings(*argv, model=str(tabular.model_path)).run)
     assert isinstance(strategy, DifferentialPrivacy) and isinstance(strategy.strategy, FedAvgM)
     assert (strategy.clip_norm, strategy.noise_multiplier, strategy.delta) == (0.5, 1.2, 1e-6)
-    plain = build_strategy(coordinate.build_parser().parse_args(["--model", "m"]), tabular.model_path)
+    plain = build_strategy(coordinator_settings(model=str(tabular.model_path)).run)
     assert not isinstance(plain, DifferentialPrivacy)
 
 
@@ -247,7 +254,7 @@ def test_no_held_out_set_is_said_not_silent(tabular, caplog):
     from coordinator.cli.wiring import build_strategy
 
     with caplog.at_level("WARNING", logger="coordinator.cli.wiring"):
-        strategy = build_strategy(coordinate.build_parser().parse_args(["--model", "m"]), tabular.model_path)
+        strategy = build_strategy(coordinator_settings(model=str(tabular.model_path)).run)
     assert strategy.evaluate(1, []) is None
     assert "no held-out set" in caplog.text and "--test-data" in caplog.text
 
@@ -263,9 +270,8 @@ def test_no_held_out_set_is_said_not_silent(tabular, caplog):
     ],
 )
 def test_inconsistent_round_options_are_refused_before_anything_runs(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        coordinate.main(["--model", "missing.tflite", *argv])
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert coordinate.main(["--model", "missing.tflite", *argv]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_emulate_reports_missing_data_in_one_line(tmp_path, tabular, capsys):
@@ -274,3 +280,113 @@ def test_emulate_reports_missing_data_in_one_line(tmp_path, tabular, capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert "litefed-emulate: error: training data" in err and "nope.npz" in err and "Traceback" not in err
+
+
+# -- the settings the commands run with ------------------------------------------------
+
+
+@pytest.mark.parametrize("main", [coordinate.main, emulate.main, simulate.main])
+def test_main_returns_the_status_instead_of_exiting(main, capsys):
+    assert main(["--help"]) == 0
+    assert "usage:" in capsys.readouterr().out
+    assert main(["--model", "m.tflite", "--no-such-option"]) == 2
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+def test_settings_are_built_without_anything_heavy():
+    code = (
+        "import sys\n"
+        "from coordinator.cli import coordinate, emulate, simulate\n"
+        "from coordinator.cli.settings import CoordinatorSettings, EmulateSettings, SimulateSettings\n"
+        "CoordinatorSettings.from_args(coordinate.build_parser().parse_args(['--model', 'm.tflite']))\n"
+        "EmulateSettings.from_args(emulate.build_parser().parse_args([]))\n"
+        "SimulateSettings.from_args(simulate.build_parser().parse_args([]))\n"
+        "heavy = ('tensorflow', 'keras', 'ai_edge_litert', 'matplotlib', 'tqdm', 'paho', 'coordinator.service')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_settings_are_frozen_and_leave_the_arguments_alone():
+    import dataclasses
+
+    args = emulate.build_parser().parse_args(["--clients", "3", "--fraction-fit", "0.5"])
+    settings = EmulateSettings.from_args(args)
+    assert (settings.run.strategy.min_available, settings.run.strategy.min_fit) == (3, 2)  # ceil(0.5 x 3)
+    assert (args.min_available, args.min_fit, args.wait_for_clients) == (None, None, None)
+    assert settings.service.wait_for_clients == 300.0  # emulated clients start with the run
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.run.strategy.min_fit = 1  # type: ignore[misc]
+
+
+def test_dp_noise_is_seeded_in_simulations_only():
+    argv = ["--dp-clip", "1", "--dp-noise", "0.5", "--seed", "7"]
+    simulated = SimulateSettings.from_args(simulate.build_parser().parse_args([*argv, "--workers", "3"]))
+    assert (simulated.run.privacy.seed, simulated.run.evaluation.threads) == (7, 3)
+    assert (
+        SimulateSettings.from_args(simulate.build_parser().parse_args(["--workers", "0"])).run.evaluation.threads == 1
+    )
+    deployed = coordinator_settings(*argv).run.privacy
+    assert (deployed.clip, deployed.noise, deployed.seed) == (1.0, 0.5, None)  # OS entropy in a deployment
+    assert coordinator_settings().run.privacy is None
+
+
+def test_broker_settings_hold_the_url_and_its_tls_files(tmp_path):
+    ca, cert, key = (tmp_path / name for name in ("ca.pem", "c.crt", "c.key"))
+    for path in (ca, cert, key):
+        path.write_text("x")
+    tls = ["--ca-file", str(ca), "--cert-file", str(cert), "--key-file", str(key)]
+    broker = coordinator_settings("--broker", "mqtts://co:s3cret@b.example", "--federation", "farm", *tls).broker
+    assert (broker.url.host, broker.url.port, broker.url.tls, broker.url.password) == (
+        "b.example",
+        8883,
+        True,
+        "s3cret",
+    )
+    assert (broker.url.ca_file, broker.url.cert_file, broker.url.key_file) == (ca, cert, key)
+    assert broker.client_id == "coordinator-farm" and "s3cret" not in str(broker)
+
+    transport = coordinate.make_transport(coordinator_settings().broker)  # no network until connect()
+    assert (str(transport.url), transport.client_id) == ("mqtt://127.0.0.1:1883", "coordinator-default")
+    transport.close()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--broker", "http://co:s3cret@b"], "scheme 'http'"),
+        (["--broker", "mqtt://b", "--ca-file", "ca.pem"], "need an mqtts:// broker URL"),
+        (["--broker", "mqtts://b", "--cert-file", "c.crt"], "both cert_file and key_file"),
+        (["--broker", "mqtts://b", "--ca-file", "missing.pem"], "missing.pem not found"),
+    ],
+)
+def test_a_bad_broker_is_a_usage_error_before_anything_loads(argv, message, capsys):
+    assert coordinate.main(["--model", "missing.tflite", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("litefed-coordinator: error: ") and message in err[-1], err
+    assert "s3cret" not in "\n".join(err)
+
+
+def test_emulate_takes_a_broker_kind_or_url(capsys):
+    parser = emulate.build_parser()
+    assert EmulateSettings.from_args(parser.parse_args(["--broker", "amqtt"])).broker_kind == "amqtt"
+    running = EmulateSettings.from_args(parser.parse_args(["--broker", "mqtt://pi:p%40ss@10.0.0.2"])).broker_url
+    assert running.geturl(redact=False) == "mqtt://pi:p%40ss@10.0.0.2:1883"  # what the clients' files get
+    assert emulate.main(["--broker", "hivemq"]) == 2
+    assert "--broker 'hivemq': use auto, mosquitto, amqtt, or a URL" in capsys.readouterr().err
+    assert emulate.main(["--broker", "mqtt://h/x"]) == 2
+    assert "path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("main", "argv", "message"),
+    [
+        (simulate.main, ["--workers", "-1"], "--workers must be >= 0"),
+        (simulate.main, ["--clients", "0"], "--clients must be >= 1, got 0"),
+        (emulate.main, ["--clients", "0"], "--clients must be >= 1, got 0"),
+    ],
+)
+def test_local_run_sizes_are_usage_errors(main, argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

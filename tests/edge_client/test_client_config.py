@@ -14,12 +14,13 @@ import pytest
 
 from edge_client import cli
 from edge_client import config as config_module
+from edge_client.broker_url import BrokerUrl, redact_url
 from edge_client.chunks import DEFAULT_MAX_CHUNK
 from edge_client.config import ClientConfig, DataSourceConfig, load_config, parse_data_spec, tomllib
-from edge_client.errors import BrokerUnavailable, ConfigError
+from edge_client.errors import BrokerUnavailable, BrokerUrlError, ConfigError
 from edge_client.messages import Presence
 from edge_client.topics import Topics
-from edge_client.transport import InMemoryBroker, InMemoryTransport, redact_url
+from edge_client.transport import InMemoryBroker, InMemoryTransport
 
 
 def write(tmp_path: Path, text: str, name: str = "client.toml") -> Path:
@@ -242,6 +243,28 @@ def test_redact_url():
     assert redact_url("mqtt://h:1883") == "mqtt://h:1883"
 
 
+def test_the_broker_is_the_url_with_its_tls_files(tmp_path):
+    ca = tmp_path / "ca.pem"
+    overrides = {"client_id": "pi-1", "broker_url": "mqtts://pi:pw@b.example", "ca_file": ca, "state_dir": tmp_path}
+    config = load_config(None, overrides, require_data=False)  # the file need not exist to read the config
+    with pytest.raises(BrokerUrlError, match="ca_file .*ca.pem not found"):
+        config.broker()  # ... but to connect
+    ca.write_text("x")
+    assert config.broker() == BrokerUrl("b.example", 8883, tls=True, username="pi", password="pw", ca_file=ca)
+
+
+def test_a_missing_tls_file_exits_2(tmp_path, caplog):
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 8), np.float32), y=np.zeros(4, np.float32))
+    path = write(
+        tmp_path,
+        'client_id = "pi-1"\nbroker_url = "mqtts://b"\nca_file = "ca.pem"\nstate_dir = "s"\n'
+        '[data]\nkind = "npz"\npath = "d.npz"\n',
+    )
+    with caplog.at_level("ERROR", logger="edge_client.cli"):
+        assert cli.main(["--config", str(path)]) == 2
+    assert "ca.pem not found" in caplog.text
+
+
 # -- the command line ----------------------------------------------------------------
 
 
@@ -319,19 +342,6 @@ def test_sigterm_stops_gracefully(tmp_path):
     assert Presence.from_bytes(broker.retained[presence].payload) == Presence("offline", 4, "0.1.0")
     assert (tmp_path / "state").is_dir()
     assert signal.getsignal(signal.SIGTERM) == before  # handlers restored
-
-
-def test_a_second_signal_interrupts_at_once():
-    stop = threading.Event()
-    restore = cli._install_signal_handlers(stop)
-    try:
-        signal.raise_signal(signal.SIGINT)
-        assert stop.is_set()
-        with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)
-    finally:
-        restore()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_python_dash_m_entry_point():

@@ -1,5 +1,5 @@
 """The transport layer without a network: topic matching, the bounded queue, the
-in-memory broker, broker URLs, reconnection delays and CONNACK refusals."""
+in-memory broker, reconnection delays and CONNACK refusals (broker URLs: test_broker_url.py)."""
 
 from __future__ import annotations
 
@@ -351,71 +351,6 @@ def test_concurrent_publishers_lose_nothing(broker):
     for p in publishers:  # per-publisher order is kept
         mine = [int(m.payload) for m in received if m.topic == f"t/{p.client_id}"]
         assert mine == list(range(250))
-
-
-# -- BrokerUrl -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("url", "expected"),
-    [
-        ("mqtt://localhost", BrokerUrl("localhost", 1883)),
-        ("mqtt://10.0.0.5:1884", BrokerUrl("10.0.0.5", 1884)),
-        ("mqtts://broker.example.com", BrokerUrl("broker.example.com", 8883, tls=True)),
-        ("MQTTS://Broker:9000/", BrokerUrl("broker", 9000, tls=True)),
-        ("mqtt://user:pa%40ss@host:1883", BrokerUrl("host", 1883, username="user", password="pa@ss")),
-        ("mqtt://user@host", BrokerUrl("host", 1883, username="user")),
-        ("mqtt://[::1]:1883", BrokerUrl("::1", 1883)),
-    ],
-)
-def test_broker_url_parses(url, expected):
-    assert BrokerUrl.parse(url) == expected
-
-
-def test_broker_url_never_shows_the_password():
-    url = BrokerUrl.parse("mqtts://pi-17:s3cret@broker:8883")
-    assert str(url) == "mqtts://pi-17:***@broker:8883"
-    assert "s3cret" not in repr(url)
-    assert str(BrokerUrl.parse("mqtt://[::1]")) == "mqtt://[::1]:1883"
-    with pytest.raises(BrokerUrlError) as excinfo:
-        BrokerUrl.parse("http://pi:s3cret@broker")
-    assert "s3cret" not in str(excinfo.value)
-
-
-@pytest.mark.parametrize(
-    ("url", "match"),
-    [
-        ("", "not a URL"),
-        ("localhost:1883", "not a URL"),
-        ("http://host", "scheme 'http'.*mqtt://"),
-        ("mqtt://", "no host"),
-        ("mqtt://:1883", "no host"),
-        ("mqtt://host:0", "out of range"),
-        ("mqtt://host:99999", "invalid port"),
-        ("mqtt://host:abc", "invalid port"),
-        ("mqtt://host/topic", "path"),
-        ("mqtt://host?ca=x", "query"),
-        ("mqtt://:secret@host", "needs a user name"),
-    ],
-)
-def test_bad_broker_urls_say_what_is_wrong(url, match):
-    with pytest.raises(BrokerUrlError, match=match):
-        BrokerUrl.parse(url)
-
-
-def test_broker_url_tls_files(tmp_path):
-    ca, cert, key = (tmp_path / name for name in ("ca.pem", "c.crt", "c.key"))
-    for path in (ca, cert, key):
-        path.write_text("x")
-    url = BrokerUrl.parse("mqtts://iot.example.com", ca_file=ca, cert_file=str(cert), key_file=key)
-    assert (url.ca_file, url.cert_file, url.key_file) == (ca, cert, key)
-    with pytest.raises(BrokerUrlError, match="mqtts://"):
-        BrokerUrl.parse("mqtt://host", ca_file=ca)
-    with pytest.raises(BrokerUrlError, match="both cert_file and key_file"):
-        BrokerUrl.parse("mqtts://host", cert_file=cert)
-    with pytest.raises(BrokerUrlError, match="not found"):
-        BrokerUrl.parse("mqtts://host", ca_file=tmp_path / "missing.pem")
-    assert isinstance(BrokerUrlError("x"), ValueError)  # argparse reports it as a bad value
 
 
 def test_mqtt_transport_checks_its_arguments_before_any_network():

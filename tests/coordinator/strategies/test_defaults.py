@@ -21,14 +21,13 @@ come from the ``--strategy`` option itself.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from coordinator.cli import coordinate, simulate
+from coordinator.cli import simulate
 from coordinator.datasets import load_bundled_mnist
 from coordinator.strategies import STRATEGIES
 
@@ -59,7 +58,8 @@ def data_files(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def final_accuracy(mnist_cnn, data_files) -> Callable[[str], float]:
     """``name -> test accuracy after the last round`` of the job, each strategy run once per module."""
-    from coordinator.cli.wiring import build_strategy, prepare_local_federation
+    from coordinator.cli.settings import SimulateSettings
+    from coordinator.cli.wiring import build_strategy, model_of, prepare_local_federation
     from coordinator.simulator import Simulation, SimulationConfig
 
     done: dict[str, float] = {}
@@ -70,13 +70,12 @@ def final_accuracy(mnist_cnn, data_files) -> Callable[[str], float]:
             train, test = data_files
             argv = ["--model", str(mnist_cnn.model_path), "--data", str(train), "--test-data", str(test), *JOB]
             argv += ["--strategy", name]
-            args: argparse.Namespace = parser.parse_args(argv)
-            coordinate.check_round_arguments(parser, args)
-            x, y, parts = prepare_local_federation(args)
-            strategy = build_strategy(args, Path(args.model), dp_seed=args.seed, eval_threads=1)
-            datasets = {f"client-{i:03d}": (x[idx], y[idx]) for i, idx in enumerate(parts)}
-            config = SimulationConfig(model_path=Path(args.model), rounds=args.rounds, workers=0, seed=args.seed)
-            history = Simulation(config, strategy, datasets).run()
+            settings = SimulateSettings.from_args(parser.parse_args(argv))  # the option checks included
+            federation = prepare_local_federation(settings.run, settings.local)
+            strategy = build_strategy(federation.run)
+            run = federation.run
+            config = SimulationConfig(model_path=model_of(run), rounds=run.rounds, workers=0, seed=run.seed)
+            history = Simulation(config, strategy, federation.datasets()).run()
             assert [m.round for m in history] == [1, 2, 3] and all(m.clients_rejected == 0 for m in history)
             done[name] = history[-1].test_accuracy
         return done[name]
