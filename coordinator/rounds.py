@@ -41,6 +41,7 @@ from coordinator.strategies.aggregate import finish_or_keep
 from edge_client.errors import ProtocolError, WeightsError
 from edge_client.frames import Frame, decode_frame, encode_frame, validate_frame
 from edge_client.messages import Ack, is_run_id
+from edge_client.reasons import DUPLICATE, NOT_SELECTED, STALE_ROUND
 from edge_client.weights import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -182,13 +183,15 @@ class RoundEngine:
     def _fold_in(self, frame: Frame, sender: str, selected: Container[str] | None) -> Ack:
         open_ = self.current
         if open_ is None:
-            raise ProtocolError("stale_round", f"no round is open (last completed: {self.completed_round})")
+            raise ProtocolError(STALE_ROUND, f"no round is open (last completed: {self.completed_round})")
         validate_frame(frame, self.specs, self.model_sha256, "update", current_round=open_.number, run=self.run_id)
         if sender in open_.accepted:
-            return Ack(open_.number, "duplicate", run=self.run_id)
+            return Ack(open_.number, DUPLICATE, run=self.run_id)
         if selected is not None and sender not in selected:
-            raise ProtocolError("not_selected", f"{sender} was not selected for round {open_.number}")
-        open_.aggregation.add(ClientUpdate(sender, frame.tensors, frame.num_examples, dict(frame.metrics)))
+            raise ProtocolError(NOT_SELECTED, f"{sender} was not selected for round {open_.number}")
+        open_.aggregation.add(
+            ClientUpdate(sender, frame.tensors, frame.num_examples, dict(frame.metrics), validated=True)
+        )
         open_.accepted.add(sender)
         open_.metrics.record_update(frame.num_examples, frame.metrics)
         return Ack(open_.number, "accepted", run=self.run_id)

@@ -21,7 +21,7 @@ b. ``streaming``: ``StreamingAverage.add(weights, n)``, the coordinator's
    aggregation (layout check, finiteness check, float64 accumulation);
 c. ``full``: what the coordinator does with one reassembled update frame:
    ``decode_frame(bytes)`` + ``validate_frame(...)`` (manifest specs, model
-   hash, round) + ``FedAvg.begin_aggregation(...).add(ClientUpdate(...))``,
+   hash, round) + ``FedAvg().begin_aggregation(...).add(ClientUpdate(..., validated=True))``,
    on frames encoded beforehand with ``encode_frame`` (codec float32);
 d. ``chunks+full``: (c) preceded by ``Reassembler.add`` of the update's
    96 KiB MQTT chunks (``edge_client.chunks.split``, done beforehand), i.e.
@@ -184,7 +184,9 @@ def make_streaming(updates, frames, chunked):
 def _full_path(aggregation, data: bytes) -> None:
     frame = decode_frame(data)
     validate_frame(frame, SPECS, MODEL_SHA256, "update", current_round=ROUND)
-    aggregation.add(ClientUpdate(frame.client_id, frame.tensors, frame.num_examples, dict(frame.metrics)))
+    aggregation.add(
+        ClientUpdate(frame.client_id, frame.tensors, frame.num_examples, dict(frame.metrics), validated=True)
+    )
 
 
 def make_full(updates, frames, chunked):

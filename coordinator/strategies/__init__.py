@@ -2,6 +2,9 @@
 
 Write your own by subclassing :class:`Strategy` (its docstrings are the
 contract); the built-in ones are listed by name in :data:`STRATEGIES`.
+Constructors take keyword arguments only (``FedAvg(fraction_fit=0.5)``,
+``DifferentialPrivacy(strategy, clip_norm=1.0, noise_multiplier=1.1)``) and
+raise :class:`StrategyConfigError` for a value out of range.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from coordinator.strategies.base import Aggregation, ClientUpdate, RoundConfig, 
 from coordinator.strategies.dp import DifferentialPrivacy
 from coordinator.strategies.fedavg import FedAvg
 from coordinator.strategies.fedopt import FedAdagrad, FedAdam, FedAvgM, FedOpt, FedProx, FedYogi
+from coordinator.strategies.params import StrategyConfigError
 from coordinator.strategies.robust import FedMedian, FedTrimmedAvg, Krum
 
 __all__ = [
@@ -29,6 +33,7 @@ __all__ = [
     "Krum",
     "RoundConfig",
     "Strategy",
+    "StrategyConfigError",
 ]
 
 STRATEGIES: dict[str, type[FedAvg]] = {

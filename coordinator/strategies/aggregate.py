@@ -5,6 +5,19 @@ counts and knows nothing of transport or rounds. Sums are kept in float64
 whatever the tensors' dtype, so the result does not depend on how many
 clients reported or in which order (up to float64 rounding), and results
 come back in the dtype the clients sent.
+
+Each update is validated once. One that arrives as a frame is checked by
+:func:`edge_client.frames.validate_frame` against the model's manifest
+(names, order, shapes, dtypes, finite values, ``num_examples >= 1``) and
+reaches an aggregation as a ``ClientUpdate`` with ``validated=True``; the
+strategies' aggregations pass that on (``StreamingAverage.add(...,
+validated=True)``) and read its values only to sum them. The check stays at
+the frame, not here, because only the frame boundary knows the model (an
+aggregation can only compare updates with one another) and because boards
+run the same check on the global frames they receive. Used directly from
+Python, :func:`weighted_average`, :class:`StreamingAverage` and the robust
+functions check every input themselves, with the checks of
+:mod:`edge_client.weights`.
 """
 
 from __future__ import annotations
@@ -16,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from coordinator.errors import AggregationError
-from edge_client.weights import NamedArray, TensorSpec, Weights
+from edge_client.errors import WeightsError
+from edge_client.weights import NamedArray, TensorSpec, Weights, check_finite, check_layout, layout_of
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +76,24 @@ class StreamingAverage:
         """Sum of the example counts of the accepted updates."""
         return self._total_examples
 
-    def add(self, weights: Weights, num_examples: int) -> None:
-        """Fold in one client's update, trained on ``num_examples`` examples."""
-        check_num_examples(num_examples)
-        layout = layout_of(weights)
-        if self._layout is not None:
-            check_same_layout(layout, self._layout)
-        check_finite(weights)
+    @property
+    def layout(self) -> tuple[TensorSpec, ...] | None:
+        """Names, shapes and dtypes fixed by the first update; None before it."""
+        return self._layout
+
+    def add(self, weights: Weights, num_examples: int, *, validated: bool = False) -> None:
+        """Fold in one client's update, trained on ``num_examples`` examples.
+
+        ``validated=True`` skips the checks, for an update already checked
+        against the model (see :attr:`ClientUpdate.validated
+        <coordinator.strategies.base.ClientUpdate.validated>`): the strategies'
+        aggregations pass it for updates from frames, so each update's values
+        are read once to check them and once to sum them, not twice to check.
+        """
+        if not validated:
+            layout = check_update(weights, num_examples, self._layout)
+        else:  # checked at the frame boundary; only the first update's layout is read, for the sums' shapes
+            layout = self._layout or layout_of_update(weights)
         # Validation is complete: only from here on is any state modified.
         if self._layout is None:
             self._layout = layout
@@ -110,9 +135,12 @@ def apply_delta(global_weights: Weights, delta: Weights, scale: float = 1.0) -> 
     """
     if not np.isfinite(scale):
         raise AggregationError(f"scale must be a finite number, got {scale!r}")
-    layout = layout_of(global_weights)
-    check_same_layout(layout_of(delta), layout, dtypes=False)
-    check_finite(delta)
+    try:
+        layout = layout_of(global_weights, floating=True)
+        check_layout(layout_of(delta, floating=True), layout, dtypes=False, subject="delta")
+        check_finite(delta)
+    except WeightsError as exc:
+        raise AggregationError(str(exc)) from None
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected below, not warned about
         result = [
             NamedArray(spec.name, (np.asarray(g, np.float64) + scale * np.asarray(d, np.float64)).astype(spec.dtype))
@@ -128,9 +156,12 @@ def apply_delta(global_weights: Weights, delta: Weights, scale: float = 1.0) -> 
 
 
 # -- validation ------------------------------------------------------------------
+# The checks themselves are edge_client.weights' (the same ones validate_frame runs on
+# frames); here they raise AggregationError and say what the client should do.
 
 
 def check_num_examples(num_examples: int) -> None:
+    """Raise :class:`AggregationError` unless ``num_examples`` is a positive int."""
     if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)):
         raise AggregationError(f"num_examples must be an int, got {type(num_examples).__name__}")
     if num_examples <= 0:
@@ -139,40 +170,34 @@ def check_num_examples(num_examples: int) -> None:
         )
 
 
-def layout_of(weights: Weights) -> tuple[TensorSpec, ...]:
-    """Names, shapes and dtypes of ``weights``; floating-point tensors with unique names only."""
-    layout = []
-    for item in weights:
-        name, array = item
-        if not isinstance(array, np.ndarray) or array.dtype.kind != "f":
-            kind = getattr(array, "dtype", type(array).__name__)
-            raise AggregationError(f"tensor {name!r} is {kind}; only floating-point NumPy arrays can be averaged")
-        layout.append(TensorSpec(name, tuple(array.shape), array.dtype.name))
-    names = [spec.name for spec in layout]
-    if len(set(names)) != len(names):
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        raise AggregationError(f"tensor names must be unique within an update, repeated: {duplicates}")
-    return tuple(layout)
+def check_update(
+    weights: Weights, num_examples: int, layout: tuple[TensorSpec, ...] | None = None
+) -> tuple[TensorSpec, ...]:
+    """Check one update for aggregation and return its layout; raise :class:`AggregationError`.
+
+    Floating-point NumPy tensors with unique names, ``layout``'s names,
+    order, shapes and dtypes when one is given (the round's first update
+    fixes it), finite values and a positive int ``num_examples``. A custom
+    :class:`~coordinator.strategies.base.Aggregation` can call it for
+    updates that are not ``validated``.
+    """
+    check_num_examples(num_examples)
+    try:
+        got = layout_of(weights, floating=True)
+        if layout is not None:
+            check_layout(got, layout, subject="update", hint="all clients must train the same model")
+        check_finite(weights, hint="the client's training diverged")
+    except WeightsError as exc:
+        raise AggregationError(str(exc)) from None
+    return got
 
 
-def check_same_layout(got: tuple[TensorSpec, ...], expected: tuple[TensorSpec, ...], dtypes: bool = True) -> None:
-    if len(got) != len(expected):
-        raise AggregationError(
-            f"update has {len(got)} tensors, expected {len(expected)}; all clients must train the same model"
-        )
-    for g, e in zip(got, expected, strict=True):
-        if g.name != e.name:
-            raise AggregationError(f"expected tensor {e.name!r} at this position, got {g.name!r}")
-        if g.shape != e.shape:
-            raise AggregationError(f"tensor {g.name!r}: shape {g.shape} != expected {e.shape}")
-        if dtypes and g.dtype != e.dtype:
-            raise AggregationError(f"tensor {g.name!r}: dtype {g.dtype} != expected {e.dtype}")
-
-
-def check_finite(weights: Weights) -> None:
-    for name, array in weights:
-        if not np.isfinite(array).all():
-            raise AggregationError(f"tensor {name!r} contains NaN or Inf; the client's training diverged")
+def layout_of_update(weights: Weights) -> tuple[TensorSpec, ...]:
+    """The layout of an update (names, shapes, float dtypes), without reading its values."""
+    try:
+        return layout_of(weights, floating=True)
+    except WeightsError as exc:
+        raise AggregationError(str(exc)) from None
 
 
 def finish_or_keep(aggregation: Any, current: Weights, round_number: int) -> tuple[Weights, str | None]:

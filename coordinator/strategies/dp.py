@@ -34,8 +34,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from coordinator.errors import CoordinatorError
-from coordinator.strategies.aggregate import StreamingAverage
+from coordinator.strategies.aggregate import StreamingAverage, check_update
 from coordinator.strategies.base import Aggregation, ClientUpdate, RoundConfig, Strategy
+from coordinator.strategies.params import NON_NEGATIVE, OPEN_UNIT, POSITIVE, check_range
 from edge_client.weights import NamedArray, Weights
 
 __all__ = ["DifferentialPrivacy", "clip_update", "epsilon_spent", "update_norm"]
@@ -94,8 +95,12 @@ class _PrivateAggregation:
         self._result: Weights | None = None
 
     def add(self, update: ClientUpdate) -> None:
+        if not update.validated:  # checked as sent, before clipping rescales it
+            check_update(update.delta, update.num_examples, self._sum.layout)
         clipped = clip_update(update.delta, self._dp.clip_norm)
-        self._sum.add(clipped, 1)  # equal weights: n_k would scale a client past the clip bound
+        # Equal weights: n_k would scale a client past the clip bound. Clipping a checked update
+        # keeps it finite and of the same layout, so the sum need not read it again.
+        self._sum.add(clipped, 1, validated=True)
 
     @property
     def count(self) -> int:
@@ -127,23 +132,23 @@ class DifferentialPrivacy(Strategy):
     ``noise_multiplier`` 0 gives clipping only (no privacy guarantee, epsilon
     is infinite). ``delta`` is the DP delta the reported epsilon refers to;
     take it well below 1 / (number of clients). ``seed`` makes the noise
-    reproducible: simulations only.
+    reproducible: simulations only. Everything but ``strategy`` is
+    keyword-only; a bad value raises
+    :class:`~coordinator.strategies.params.StrategyConfigError`.
     """
 
     def __init__(
         self,
         strategy: Strategy,
+        *,
         clip_norm: float,
         noise_multiplier: float,
         delta: float = 1e-5,
         seed: int | None = None,
     ):
-        if not (math.isfinite(clip_norm) and clip_norm > 0):
-            raise CoordinatorError(f"the DP clip norm must be a positive number, got {clip_norm}")
-        if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
-            raise CoordinatorError(f"the DP noise multiplier must be >= 0, got {noise_multiplier}")
-        if not 0 < delta < 1:
-            raise CoordinatorError(f"the DP delta must be in (0, 1), got {delta}")
+        check_range("the DP clip norm", clip_norm, POSITIVE, rule="a positive number")
+        check_range("the DP noise multiplier", noise_multiplier, NON_NEGATIVE, rule=">= 0")
+        check_range("the DP delta", delta, OPEN_UNIT)
         self.strategy, self.clip_norm, self.noise_multiplier, self.delta = strategy, clip_norm, noise_multiplier, delta
         self._seed = seed
         self._selected: dict[int, tuple[int, int]] = {}  # round -> (selected, available)

@@ -11,6 +11,7 @@ import numpy as np
 from coordinator.errors import CoordinatorError
 from coordinator.strategies.aggregate import StreamingAverage, apply_delta
 from coordinator.strategies.base import Aggregation, ClientUpdate, RoundConfig, Strategy
+from coordinator.strategies.params import FRACTION, check_client_counts, check_number, check_range
 from edge_client.weights import Weights
 
 
@@ -20,7 +21,7 @@ class _FedAvgAggregation:
         self._average = StreamingAverage()
 
     def add(self, update: ClientUpdate) -> None:
-        self._average.add(update.delta, update.num_examples)
+        self._average.add(update.delta, update.num_examples, validated=update.validated)
 
     @property
     def count(self) -> int:
@@ -41,6 +42,8 @@ class FedAvg(Strategy):
 
     ``server_lr`` defaults to the class's ``DEFAULT_SERVER_LR`` (1 here;
     server optimisers set their own), the one place each default is held.
+    Arguments are keyword-only; a bad one raises
+    :class:`~coordinator.strategies.params.StrategyConfigError`.
 
     ``lr_decay`` multiplies the client learning rate by itself every round
     (round ``t`` trains at ``lr * lr_decay**(t - 1)``): with non-IID data a
@@ -53,6 +56,7 @@ class FedAvg(Strategy):
 
     def __init__(
         self,
+        *,
         fraction_fit: float = 1.0,
         min_fit: int = 1,
         min_available: int = 1,
@@ -61,15 +65,13 @@ class FedAvg(Strategy):
         evaluate_fn: Callable[[Weights], dict[str, float]] | None = None,
         lr_decay: float = 1.0,
     ):
-        if not 0 < fraction_fit <= 1:
-            raise CoordinatorError(f"fraction_fit must be in (0, 1], got {fraction_fit}")
-        if not 1 <= min_fit <= min_available:
-            raise CoordinatorError(f"need 1 <= min_fit ({min_fit}) <= min_available ({min_available})")
-        if not 0 < lr_decay <= 1:
-            raise CoordinatorError(f"lr_decay must be in (0, 1], got {lr_decay}")
+        check_range("fraction_fit", fraction_fit, FRACTION)
+        check_client_counts(min_fit, min_available)
+        check_range("lr_decay", lr_decay, FRACTION)
         self.lr_decay = lr_decay
         self.fraction_fit, self.min_fit, self.min_available = fraction_fit, min_fit, min_available
         self.server_lr = type(self).DEFAULT_SERVER_LR if server_lr is None else server_lr
+        check_number("server_lr", self.server_lr)  # a NaN rate would refuse every round's aggregate
         self.round_config = RoundConfig() if round_config is None else round_config
         self._evaluate_fn = evaluate_fn
 

@@ -1,4 +1,4 @@
-"""Server optimisers built on :class:`~coordinator.strategies.base.FedAvg`.
+"""Server optimisers built on :class:`~coordinator.strategies.fedavg.FedAvg`.
 
 Every strategy here selects clients and configures rounds exactly as
 :class:`FedAvg` does (it *is* a FedAvg subclass) and folds client deltas
@@ -10,7 +10,9 @@ stays O(model). Only what happens to the averaged delta
 differs: FedAvg applies ``server_lr * Δ``; the classes below treat ``-Δ``
 as a pseudo-gradient and feed it to a server optimiser whose state lives in
 the strategy object, persists across rounds, and can be saved with
-:meth:`state_dict` and restored with :meth:`load_state_dict`.
+:meth:`state_dict` and restored with :meth:`load_state_dict`. The optimiser
+step itself is public, :meth:`FedAvgM.step` / :meth:`FedOpt.step`
+(``increment = strategy.step(Δ)``), for code that aggregates on its own.
 
 Math is float64 throughout (Δ is the StreamingAverage result, rounded once
 to the clients' dtype, then widened); the new global model comes back in
@@ -30,7 +32,6 @@ the global weights' dtypes.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,14 @@ from coordinator.errors import AggregationError, CoordinatorError
 from coordinator.strategies.aggregate import StreamingAverage, apply_delta
 from coordinator.strategies.base import Aggregation, ClientUpdate, RoundConfig
 from coordinator.strategies.fedavg import FedAvg
+from coordinator.strategies.params import (
+    NON_NEGATIVE,
+    POSITIVE,
+    UNIT,
+    StrategyConfigError,
+    check_number,
+    check_range,
+)
 from edge_client.weights import NamedArray, Weights
 
 __all__ = ["FedAdagrad", "FedAdam", "FedAvgM", "FedOpt", "FedProx", "FedYogi"]
@@ -47,13 +56,14 @@ State = list[np.ndarray]
 
 
 class _ServerOptAggregation:
-    """Streams deltas into a StreamingAverage; ``finish`` hands Δ to the strategy's optimiser step.
+    """Streams deltas into a StreamingAverage; ``finish`` hands Δ to the strategy's :meth:`~_ServerOptimizer.step`.
 
     ``finish`` steps the optimiser once: calling it again returns the same
     weights without advancing the strategy's state a second time. If the new
     model would not be finite, ``finish`` raises :class:`AggregationError`
-    and the optimiser state is rolled back, so the failed round leaves both
-    the global model and the strategy as they were.
+    and the optimiser state is restored from the :meth:`~_ServerOptimizer.state_dict`
+    taken before the step, so the failed round leaves both the global model
+    and the strategy as they were.
     """
 
     def __init__(self, strategy: _ServerOptimizer, global_weights: Weights):
@@ -64,7 +74,7 @@ class _ServerOptAggregation:
     def add(self, update: ClientUpdate) -> None:
         if self._result is not None:
             raise CoordinatorError("this round is already aggregated; start a new aggregation for the next round")
-        self._average.add(update.delta, update.num_examples)
+        self._average.add(update.delta, update.num_examples, validated=update.validated)
 
     @property
     def count(self) -> int:
@@ -75,26 +85,26 @@ class _ServerOptAggregation:
             if self._average.count == 0:
                 raise CoordinatorError("no accepted update to aggregate")
             delta = [NamedArray(n, np.asarray(a, np.float64)) for n, a in self._average.result()]
-            saved = self._strategy._snapshot()
+            saved = self._strategy.state_dict()  # copies, O(model): the rollback point
             try:
-                self._result = apply_delta(self._global, self._strategy._step(delta))
+                self._result = apply_delta(self._global, self._strategy.step(delta))
             except AggregationError:
-                self._strategy._rollback(saved)
+                self._strategy.load_state_dict(saved)
                 raise
         return self._result
 
 
 class _ServerOptimizer(FedAvg):
-    """FedAvg whose averaged delta goes through a stateful ``_step``.
+    """FedAvg whose averaged delta goes through a stateful server optimiser, :meth:`step`.
 
-    Subclasses list their state slots in ``_SLOTS`` and implement ``_update``.
+    Subclasses list their state slots in ``_SLOTS`` and implement ``_update``
+    (and ``_initial`` for slots that do not start at 0).
     """
 
     _SLOTS: tuple[str, ...] = ()
 
     def __init__(self, **fedavg_kwargs: Any):
         super().__init__(**fedavg_kwargs)
-        _check_finite_number("server_lr", self.server_lr)
         self._names: tuple[str, ...] | None = None
         self._shapes: tuple[tuple[int, ...], ...] = ()
         self._state: dict[str, State] = {}
@@ -102,8 +112,18 @@ class _ServerOptimizer(FedAvg):
     def begin_aggregation(self, server_round: int, global_weights: Weights) -> Aggregation:
         return _ServerOptAggregation(self, global_weights)
 
-    def _step(self, delta: Weights) -> Weights:
-        """Advance the optimiser state with Δ and return the float64 increment to add to the global model."""
+    def step(self, delta: Weights) -> Weights:
+        """Advance the optimiser by one round and return the increment to add to the global model.
+
+        ``delta`` is the round's example-weighted mean client delta Δ (float64
+        arrays, the model's tensor order); the result is float64, same names
+        and shapes: the new global model is ``global + step(Δ)``. The first
+        step fixes the layout of the optimiser state; a later Δ of another
+        layout raises :class:`CoordinatorError`. A step cannot be undone by
+        itself: to discard one (e.g. its model is not finite), save
+        :meth:`state_dict` before and :meth:`load_state_dict` it after, as
+        this strategy's aggregation does.
+        """
         names = tuple(n for n, _ in delta)
         shapes = tuple(a.shape for _, a in delta)
         if self._names is None:
@@ -120,14 +140,6 @@ class _ServerOptimizer(FedAvg):
 
     def _initial(self, slot: str, delta: Weights) -> State:
         return [np.zeros_like(a, dtype=np.float64) for _, a in delta]
-
-    def _snapshot(self) -> tuple[Any, ...]:
-        """A copy of the optimiser state (O(model)), for :meth:`_rollback` after a failed round."""
-        state = {slot: [a.copy() for a in arrays] for slot, arrays in self._state.items()}
-        return self._names, self._shapes, state
-
-    def _rollback(self, snapshot: tuple[Any, ...]) -> None:
-        self._names, self._shapes, self._state = snapshot
 
     def _update(self, delta: State) -> State:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -196,9 +208,10 @@ class FedAvgM(_ServerOptimizer):
 
     _SLOTS = ("momentum",)
 
-    def __init__(self, server_lr: float | None = None, server_momentum: float = 0.9, **fedavg_kwargs: Any):
+    def __init__(self, *, server_lr: float | None = None, server_momentum: float = 0.9, **fedavg_kwargs: Any):
         super().__init__(server_lr=server_lr, **fedavg_kwargs)
-        _check_unit_interval("server_momentum", server_momentum)
+        check_number("server_momentum", server_momentum)
+        check_range("server_momentum", server_momentum, UNIT)
         self.server_momentum = server_momentum
 
     def _update(self, delta: State) -> State:
@@ -245,6 +258,7 @@ class FedOpt(_ServerOptimizer):
 
     def __init__(
         self,
+        *,
         server_lr: float | None = None,
         beta_1: float = 0.9,
         beta_2: float = 0.99,
@@ -252,13 +266,13 @@ class FedOpt(_ServerOptimizer):
         **fedavg_kwargs: Any,
     ):
         if type(self)._second_moment is FedOpt._second_moment:
-            raise CoordinatorError("FedOpt is a base class; use FedAdagrad, FedAdam or FedYogi")
+            raise StrategyConfigError("FedOpt is a base class; use FedAdagrad, FedAdam or FedYogi")
         super().__init__(server_lr=server_lr, **fedavg_kwargs)
-        _check_unit_interval("beta_1", beta_1)
-        _check_unit_interval("beta_2", beta_2)
-        _check_finite_number("tau", tau)
-        if tau <= 0:
-            raise CoordinatorError(f"tau must be positive (it keeps m / (sqrt(v) + tau) finite), got {tau}")
+        for name, value in (("beta_1", beta_1), ("beta_2", beta_2)):
+            check_number(name, value)
+            check_range(name, value, UNIT)
+        check_number("tau", tau)
+        check_range("tau", tau, POSITIVE, rule="positive (it keeps m / (sqrt(v) + tau) finite)")
         self.beta_1, self.beta_2, self.tau = beta_1, beta_2, tau
 
     def _initial(self, slot: str, delta: Weights) -> State:
@@ -315,23 +329,9 @@ class FedProx(FedAvg):
     ``round_config.mu``; ``mu = 0`` is FedAvg.
     """
 
-    def __init__(self, mu: float = 0.01, round_config: RoundConfig | None = None, **fedavg_kwargs: Any):
-        _check_finite_number("mu", mu)
-        if mu < 0:
-            raise CoordinatorError(f"mu must be >= 0 (0 is plain FedAvg), got {mu}")
+    def __init__(self, *, mu: float = 0.01, round_config: RoundConfig | None = None, **fedavg_kwargs: Any):
+        check_number("mu", mu)
+        check_range("mu", mu, NON_NEGATIVE, rule=">= 0 (0 is plain FedAvg)")
         base = RoundConfig() if round_config is None else round_config
         super().__init__(round_config=dataclasses.replace(base, mu=float(mu)), **fedavg_kwargs)
         self.mu = float(mu)
-
-
-def _check_finite_number(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise CoordinatorError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise CoordinatorError(f"{name} must be finite, got {value}")
-
-
-def _check_unit_interval(name: str, value: float) -> None:
-    _check_finite_number(name, value)
-    if not 0 <= value < 1:
-        raise CoordinatorError(f"{name} must be in [0, 1), got {value}")

@@ -19,30 +19,37 @@ statistics), and Krum ignores them unless asked to weight the average of
 the selected updates. Counts are still validated (positive ints).
 
 Strategies :class:`FedMedian`, :class:`FedTrimmedAvg` and :class:`Krum`
-are :class:`~coordinator.strategies.base.FedAvg` (same selection and round
+are :class:`~coordinator.strategies.fedavg.FedAvg` (same selection and round
 config) whose aggregation buffers the round's deltas and returns
-``global + server_lr * robust(deltas)``.
+``global + server_lr * robust(deltas)``. Each update is checked once, when
+it is added (or not at all when it is ``validated``), never again by the
+robust rule at the end of the round.
 
 Math is float64; results come back in the clients' dtypes.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
 
 from coordinator.errors import AggregationError, CoordinatorError
-from coordinator.strategies.aggregate import apply_delta, check_finite, check_num_examples, check_same_layout, layout_of
+from coordinator.strategies.aggregate import apply_delta, check_update, layout_of_update
 from coordinator.strategies.base import Aggregation, ClientUpdate
 from coordinator.strategies.fedavg import FedAvg
+from coordinator.strategies.params import TRIM_FRACTION, StrategyConfigError, check_count, check_range
 from edge_client.weights import NamedArray, TensorSpec, Weights
 
 __all__ = ["FedMedian", "FedTrimmedAvg", "Krum", "coordinate_median", "krum", "min_trimmed_updates", "trimmed_mean"]
 
 Results = Sequence[tuple[Weights, int]]
+Layout = tuple[TensorSpec, ...]
+_BETA_RULE = "a number in [0, 0.5)"
 
 
 def coordinate_median(results: Results) -> Weights:
@@ -50,8 +57,11 @@ def coordinate_median(results: Results) -> Weights:
 
     Tolerates fewer than half the updates being arbitrary. Memory O(clients x model).
     """
-    layout, stacks = _stack(results)
-    return _pack(layout, [np.median(stack, axis=0) for stack in stacks])
+    return _median(_checked(results), results)
+
+
+def _median(layout: Layout, results: Results) -> Weights:
+    return _pack(layout, [np.median(stack, axis=0) for stack in _stack(layout, results)])
 
 
 def trimmed_mean(results: Results, beta: float) -> Weights:
@@ -63,9 +73,11 @@ def trimmed_mean(results: Results, beta: float) -> Weights:
     returning the plain mean, which one bad update can move arbitrarily far.
     Memory O(clients x model).
     """
-    if isinstance(beta, bool) or not isinstance(beta, (int, float, np.floating)) or not 0 <= beta < 0.5:
-        raise AggregationError(f"beta must be a number in [0, 0.5), got {beta!r}")
-    layout, stacks = _stack(results)
+    check_range("beta", beta, TRIM_FRACTION, rule=_BETA_RULE, error=AggregationError)
+    return _trimmed_mean(_checked(results), results, beta)
+
+
+def _trimmed_mean(layout: Layout, results: Results, beta: float) -> Weights:
     n = len(results)
     cut = math.floor(beta * n)
     if beta > 0 and cut == 0:
@@ -75,14 +87,17 @@ def trimmed_mean(results: Results, beta: float) -> Weights:
         )
     if n - 2 * cut < 1:  # unreachable for beta < 0.5, kept as a guard
         raise AggregationError(f"trimming {cut} from each end of {n} updates leaves nothing; lower beta")
-    return _pack(layout, [np.sort(stack, axis=0)[cut : n - cut].mean(axis=0) for stack in stacks])
+    return _pack(layout, [np.sort(stack, axis=0)[cut : n - cut].mean(axis=0) for stack in _stack(layout, results)])
 
 
 def min_trimmed_updates(beta: float) -> int:
     """The fewest updates ``n`` for which ``floor(beta * n) >= 1``: below it a trimmed mean trims nothing."""
     if not 0 < beta < 0.5:
         raise AggregationError(f"beta must be in (0, 0.5) to trim anything, got {beta!r}")
-    n = math.ceil(1 / beta)
+    ratio = 1 / beta
+    if math.isinf(ratio):  # a subnormal beta: the count is beyond float range, so take it exactly
+        return math.ceil(1 / Fraction(beta))
+    n = math.ceil(ratio)
     return n if math.floor(beta * n) >= 1 else n + 1  # 1 / beta can round below the true ratio
 
 
@@ -100,13 +115,15 @@ def krum(results: Results, num_byzantine: int, multi: int = 1, weighted: bool = 
     Needs ``n > 2f + 2`` updates and ``1 <= m <= n - f``; otherwise
     :class:`AggregationError`. Memory O(clients x model), time O(n² x model).
     """
-    if isinstance(num_byzantine, bool) or not isinstance(num_byzantine, (int, np.integer)) or num_byzantine < 0:
-        raise AggregationError(f"num_byzantine must be an int >= 0, got {num_byzantine!r}")
-    if isinstance(multi, bool) or not isinstance(multi, (int, np.integer)) or multi < 1:
-        raise AggregationError(f"multi must be an int >= 1, got {multi!r}")
+    check_count("num_byzantine", num_byzantine, 0, error=AggregationError)
+    check_count("multi", multi, 1, error=AggregationError)
     if not results:
         raise AggregationError("no client results to aggregate; wait for at least one update")
-    n, f = len(results), int(num_byzantine)
+    _check_krum_count(len(results), int(num_byzantine), multi)  # before reading any update
+    return _krum(_checked(results), results, f=int(num_byzantine), multi=multi, weighted=weighted)
+
+
+def _check_krum_count(n: int, f: int, multi: int) -> None:
     if n <= 2 * f + 2:
         raise AggregationError(
             f"Krum with num_byzantine={f} needs more than 2f + 2 = {2 * f + 2} updates, got {n}; "
@@ -114,7 +131,12 @@ def krum(results: Results, num_byzantine: int, multi: int = 1, weighted: bool = 
         )
     if multi > n - f:
         raise AggregationError(f"multi={multi} exceeds n - f = {n - f} updates that may be honest")
-    layout, stacks = _stack(results)
+
+
+def _krum(layout: Layout, results: Results, *, f: int, multi: int, weighted: bool) -> Weights:
+    n = len(results)
+    _check_krum_count(n, f, multi)
+    stacks = _stack(layout, results)
     flat = np.concatenate([stack.reshape(n, -1) for stack in stacks], axis=1)
     # Squared distances via explicit differences: exact enough, and no negative round-off as with the Gram trick.
     distances = np.array([((flat - flat[i]) ** 2).sum(axis=1) for i in range(n)])
@@ -130,19 +152,22 @@ def krum(results: Results, num_byzantine: int, multi: int = 1, weighted: bool = 
 
 
 class _BufferedAggregation:
-    """Keeps every validated delta of the round; ``finish`` applies a robust function to them."""
+    """Keeps every checked delta of the round; ``finish`` applies a robust rule to them.
 
-    def __init__(self, global_weights: Weights, server_lr: float, combine: Callable[[Results], Weights]):
+    ``combine(layout, results)`` gets updates that are already checked and
+    share ``layout``, so the rule does not read them again to validate them.
+    """
+
+    def __init__(self, global_weights: Weights, server_lr: float, combine: Callable[[Layout, Results], Weights]):
         self._global, self._server_lr, self._combine = global_weights, server_lr, combine
-        self._layout: tuple[TensorSpec, ...] | None = None
+        self._layout: Layout | None = None
         self._results: list[tuple[Weights, int]] = []
 
     def add(self, update: ClientUpdate) -> None:
-        check_num_examples(update.num_examples)
-        layout = layout_of(update.delta)
-        if self._layout is not None:
-            check_same_layout(layout, self._layout)
-        check_finite(update.delta)
+        if update.validated:  # checked at the frame boundary; the first one's layout is read for the rule
+            layout = self._layout or layout_of_update(update.delta)
+        else:
+            layout = check_update(update.delta, update.num_examples, self._layout)
         self._layout = layout
         # Copy: the caller may reuse its buffers, and the round must see what was accepted.
         self._results.append(([NamedArray(n, np.array(a)) for n, a in update.delta], int(update.num_examples)))
@@ -154,7 +179,8 @@ class _BufferedAggregation:
     def finish(self) -> Weights:
         if not self._results:
             raise CoordinatorError("no accepted update to aggregate")
-        return apply_delta(self._global, self._combine(self._results), self._server_lr)
+        assert self._layout is not None
+        return apply_delta(self._global, self._combine(self._layout, self._results), self._server_lr)
 
 
 class FedMedian(FedAvg):
@@ -164,7 +190,7 @@ class FedMedian(FedAvg):
     """
 
     def begin_aggregation(self, server_round: int, global_weights: Weights) -> Aggregation:
-        return _BufferedAggregation(global_weights, self.server_lr, coordinate_median)
+        return _BufferedAggregation(global_weights, self.server_lr, _median)
 
 
 class FedTrimmedAvg(FedAvg):
@@ -184,20 +210,19 @@ class FedTrimmedAvg(FedAvg):
     """
 
     def __init__(
-        self, beta: float = 0.2, min_fit: int | None = None, min_available: int | None = None, **fedavg_kwargs: Any
+        self, *, beta: float = 0.2, min_fit: int | None = None, min_available: int | None = None, **fedavg_kwargs: Any
     ):
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 0.5:
-            raise CoordinatorError(f"beta must be a number in [0, 0.5), got {beta!r}")
+        check_range("beta", beta, TRIM_FRACTION, rule=_BETA_RULE)
         needed = min_trimmed_updates(beta) if beta > 0 else 1
         min_fit = needed if min_fit is None else min_fit
         min_available = max(min_fit, needed) if min_available is None else min_available
         if min_fit < needed:
-            raise CoordinatorError(_untrimmed_message(beta, min_fit, needed))
+            raise StrategyConfigError(_untrimmed_message(beta, min_fit, needed))
         super().__init__(min_fit=min_fit, min_available=min_available, **fedavg_kwargs)
         self.beta = beta
 
     def begin_aggregation(self, server_round: int, global_weights: Weights) -> Aggregation:
-        return _BufferedAggregation(global_weights, self.server_lr, lambda results: trimmed_mean(results, self.beta))
+        return _BufferedAggregation(global_weights, self.server_lr, functools.partial(_trimmed_mean, beta=self.beta))
 
 
 class Krum(FedAvg):
@@ -210,6 +235,7 @@ class Krum(FedAvg):
 
     def __init__(
         self,
+        *,
         num_byzantine: int = 1,
         multi: int = 1,
         weighted: bool = False,
@@ -217,26 +243,21 @@ class Krum(FedAvg):
         min_available: int | None = None,
         **fedavg_kwargs: Any,
     ):
-        if isinstance(num_byzantine, bool) or not isinstance(num_byzantine, int) or num_byzantine < 0:
-            raise CoordinatorError(f"num_byzantine must be an int >= 0, got {num_byzantine!r}")
-        if isinstance(multi, bool) or not isinstance(multi, int) or multi < 1:
-            raise CoordinatorError(f"multi must be an int >= 1, got {multi!r}")
+        check_count("num_byzantine", num_byzantine, 0)
+        check_count("multi", multi, 1)
         needed = 2 * num_byzantine + 3
         min_fit = needed if min_fit is None else min_fit
         min_available = max(min_fit, needed) if min_available is None else min_available
         if min_fit < needed:
-            raise CoordinatorError(
+            raise StrategyConfigError(
                 f"Krum with num_byzantine={num_byzantine} needs min_fit >= 2f + 3 = {needed}, got {min_fit}"
             )
         super().__init__(min_fit=min_fit, min_available=min_available, **fedavg_kwargs)
         self.num_byzantine, self.multi, self.weighted = num_byzantine, multi, weighted
 
     def begin_aggregation(self, server_round: int, global_weights: Weights) -> Aggregation:
-        return _BufferedAggregation(
-            global_weights,
-            self.server_lr,
-            lambda results: krum(results, self.num_byzantine, self.multi, self.weighted),
-        )
+        rule = functools.partial(_krum, f=self.num_byzantine, multi=self.multi, weighted=self.weighted)
+        return _BufferedAggregation(global_weights, self.server_lr, rule)
 
 
 # -- helpers ---------------------------------------------------------------------
@@ -251,26 +272,24 @@ def _untrimmed_message(beta: float, min_fit: int, needed: int) -> str:
     )
 
 
-def _stack(results: Results) -> tuple[tuple[TensorSpec, ...], list[np.ndarray]]:
-    """Validate ``results`` and stack each tensor over clients as float64, shape ``(n, *shape)``."""
+def _checked(results: Results) -> Layout:
+    """Check every result as one update (naming the bad one) and return their common layout."""
     if not results:
         raise AggregationError("no client results to aggregate; wait for at least one update")
-    layout: tuple[TensorSpec, ...] | None = None
+    layout: Layout | None = None
     for i, (weights, num_examples) in enumerate(results):
         try:
-            check_num_examples(num_examples)
-            got = layout_of(weights)
-            if layout is None:
-                layout = got
-            else:
-                check_same_layout(got, layout)
-            check_finite(weights)
+            layout = check_update(weights, num_examples, layout)
         except AggregationError as exc:
             raise AggregationError(f"result {i}: {exc}") from exc
     assert layout is not None
-    stacks = [np.stack([np.asarray(w[t].array, np.float64) for w, _ in results]) for t in range(len(layout))]
-    return layout, stacks
+    return layout
 
 
-def _pack(layout: tuple[TensorSpec, ...], arrays: list[np.ndarray]) -> Weights:
+def _stack(layout: Layout, results: Results) -> list[np.ndarray]:
+    """Each tensor of checked ``results`` stacked over clients as float64, shape ``(n, *shape)``."""
+    return [np.stack([np.asarray(w[t].array, np.float64) for w, _ in results]) for t in range(len(layout))]
+
+
+def _pack(layout: Layout, arrays: list[np.ndarray]) -> Weights:
     return [NamedArray(spec.name, np.asarray(a).astype(spec.dtype)) for spec, a in zip(layout, arrays, strict=True)]

@@ -233,3 +233,46 @@ def test_validate_rejects_what_does_not_fit(frame, kwargs, reason):
     with pytest.raises(ProtocolError) as info:
         validate_frame(frame, specs, SHA, "update", **kwargs)
     assert info.value.reason == reason
+
+
+# -- the shared tensor checks (edge_client.weights), which validate_frame and the aggregation both use --
+
+
+def test_validate_accepts_a_dtype_spelled_another_way():
+    validate_frame(_frame([np.zeros(2, np.float32)]), [TensorSpec("layer0/kernel", (2,), "<f4")], SHA, "update")
+
+
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        ([np.zeros(2, np.float32), np.zeros(2, np.float32)], "the weight list has 2 tensors, expected 1"),
+        ([np.zeros(3, np.float32)], r"tensor 'layer0/kernel': shape \(3,\) != expected \(2,\)"),
+        ([np.array([1.0, np.inf], np.float32)], "tensor 'layer0/kernel' contains NaN or Inf"),
+    ],
+)
+def test_validate_says_what_does_not_fit(tensors, message):
+    with pytest.raises(ProtocolError, match=message):
+        validate_frame(_frame(tensors), [TensorSpec("layer0/kernel", (2,), "float32")], SHA, "update")
+
+
+def test_layout_checks_read_names_shapes_and_dtypes():
+    from edge_client.errors import WeightsError
+    from edge_client.weights import check_finite, check_layout, check_weights, layout_of
+
+    weights = [NamedArray("a", np.zeros((2, 3), np.float32)), NamedArray("b", np.arange(4, dtype=np.int32))]
+    layout = layout_of(weights)
+    assert layout == (TensorSpec("a", (2, 3), "float32"), TensorSpec("b", (4,), "int32"))
+    check_weights(weights, layout)  # integer tensors are allowed and need no finiteness check
+    with pytest.raises(WeightsError, match="'b' is int32; only floating-point NumPy arrays can be averaged"):
+        layout_of(weights, floating=True)
+    with pytest.raises(WeightsError, match="'a' is list; only NumPy arrays hold weights"):
+        layout_of([NamedArray("a", [1.0, 2.0])])
+    with pytest.raises(WeightsError, match=r"repeated: \['a'\]"):
+        layout_of([weights[0], weights[0]])
+    with pytest.raises(WeightsError, match="expected tensor 'b' at this position, got 'a'; fix it"):
+        check_layout(layout[:1] + layout[:1], layout, hint="fix it")
+    with pytest.raises(WeightsError, match="dtype float32 != expected float64"):
+        check_layout(layout[:1], (TensorSpec("a", (2, 3), "float64"),))
+    check_layout(layout[:1], (TensorSpec("a", (2, 3), "float64"),), dtypes=False)
+    with pytest.raises(WeightsError, match="'a' contains NaN or Inf; retrain"):
+        check_finite([NamedArray("a", np.array([np.nan], np.float64))], hint="retrain")

@@ -327,3 +327,94 @@ def test_finish_or_keep_returns_the_current_model_with_the_reason_of_a_refusal()
     assert finish_or_keep(Refusing(), current, 3) == (current, "would overflow")
     weights, reason = finish_or_keep(Finishing(), current, 3)
     assert reason is None and weights[0].array.tolist() == [0.0, 0.0, 0.0]
+
+
+# -- validated once ------------------------------------------------------------------
+
+
+def _frame_update(rng: np.random.Generator, client: str, n: int):
+    """An update as the coordinator receives it: encoded, decoded and validated against the model."""
+    from edge_client.frames import Frame, decode_frame, encode_frame, validate_frame
+    from edge_client.weights import TensorSpec
+
+    specs = [TensorSpec(name, shape, "float32") for name, shape in LAYOUT]
+    delta = random_weights(rng)
+    frame = decode_frame(encode_frame(Frame("update", 1, "ab" * 32, delta, client_id=client, num_examples=n)))
+    validate_frame(frame, specs, "ab" * 32, "update", current_round=1)
+    return frame
+
+
+def _count_finiteness_checks(monkeypatch) -> list[str]:
+    """Every finiteness check, validate_frame's or an aggregation's, appends the first tensor's name here."""
+    import coordinator.strategies.aggregate as aggregate
+    import edge_client.weights as weights
+
+    calls: list[str] = []
+    original = weights.check_finite
+
+    def spy(tensors, **kwargs):
+        calls.append(tensors[0].name)
+        return original(tensors, **kwargs)
+
+    monkeypatch.setattr(weights, "check_finite", spy)  # check_weights, hence validate_frame
+    monkeypatch.setattr(aggregate, "check_finite", spy)  # check_update and apply_delta
+    return calls
+
+
+def _aggregations():
+    from coordinator.strategies import DifferentialPrivacy, FedAdam, FedAvg, FedMedian, Krum
+
+    return {
+        "fedavg": FedAvg(),
+        "fedadam": FedAdam(),
+        "median": FedMedian(),
+        "krum": Krum(num_byzantine=0),
+        "dp": DifferentialPrivacy(FedAvg(), clip_norm=100.0, noise_multiplier=0.0),
+    }
+
+
+@pytest.mark.parametrize("name", list(_aggregations()))
+def test_an_update_from_a_validated_frame_is_checked_once(name, monkeypatch):
+    from coordinator.strategies import ClientUpdate
+
+    rng = np.random.default_rng(20)
+    global_weights = random_weights(rng)
+    calls = _count_finiteness_checks(monkeypatch)
+    frames = [_frame_update(rng, f"c{k}", 10 * (k + 1)) for k in range(3)]
+    assert len(calls) == 3  # validate_frame, once per frame
+    for validated, expect_checks in ((True, 0), (False, 3)):
+        calls.clear()
+        aggregation = _aggregations()[name].begin_aggregation(1, global_weights)  # fresh: FedAdam has state
+        for f in frames:
+            aggregation.add(ClientUpdate(f.client_id, f.tensors, f.num_examples, dict(f.metrics), validated=validated))
+        assert len(calls) == expect_checks, calls
+        result = aggregation.finish()
+        # finish() checks the round's mean delta (apply_delta) once per round at most, never each update again.
+        assert len(calls) <= expect_checks + 2, calls
+        if validated:
+            trusted = result
+    for (_, a), (_, b) in zip(trusted, result, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_validated_adds_sum_exactly_as_checked_ones():
+    results = random_results(21, 5)
+    checked, trusted = StreamingAverage(), StreamingAverage()
+    for weights, n in results:
+        checked.add(weights, n)
+        trusted.add(weights, n, validated=True)
+    assert trusted.layout == checked.layout and [s.name for s in checked.layout] == [n for n, _ in LAYOUT]
+    for (_, a), (_, b) in zip(checked.result(), trusted.result(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_unvalidated_updates_are_still_refused_with_a_hint():
+    from coordinator.strategies.aggregate import check_update
+
+    good = random_weights(np.random.default_rng(22))
+    nan = [*good[:-1], NamedArray(good[-1].name, np.full(10, np.nan, np.float32))]
+    with pytest.raises(AggregationError, match="'dense/bias' contains NaN or Inf; the client's training diverged"):
+        check_update(nan, 1)
+    layout = check_update(good, 1)
+    with pytest.raises(AggregationError, match="update has 3 tensors, expected 4; all clients must train the same"):
+        check_update(good[:-1], 1, layout)

@@ -168,3 +168,46 @@ def test_the_wrapper_announces_the_wrapped_strategys_decayed_lr():
     private = DifferentialPrivacy(decayed, clip_norm=1.0, noise_multiplier=0.0)
     _, config = private.configure_round(3, ["a", "b"], np.random.default_rng(0))
     assert config.lr == pytest.approx(0.05) and private.config_for_round(3).lr == pytest.approx(0.05)
+
+
+def test_everything_but_the_wrapped_strategy_is_keyword_only():
+    with pytest.raises(TypeError, match="positional"):
+        DifferentialPrivacy(FedAvg(), 1.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"clip_norm": -1.0, "noise_multiplier": 1.0}, "the DP clip norm must be a positive number, got -1.0"),
+        ({"clip_norm": float("inf"), "noise_multiplier": 1.0}, "the DP clip norm must be a positive number, got inf"),
+        ({"clip_norm": 1.0, "noise_multiplier": float("nan")}, "the DP noise multiplier must be >= 0, got nan"),
+        ({"clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 0.0}, r"the DP delta must be in \(0, 1\), got 0.0"),
+    ],
+)
+def test_bad_parameters_are_strategy_config_errors_with_the_range(kwargs, message):
+    from coordinator.strategies import StrategyConfigError
+
+    with pytest.raises(StrategyConfigError, match=message):
+        DifferentialPrivacy(FedAvg(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ([NamedArray("kernel", np.full((4, 3), np.nan, np.float32)), zeros()[1]], "'kernel' contains NaN or Inf"),
+        ([zeros()[0]], "update has 1 tensors, expected 2"),
+    ],
+)
+def test_a_bad_update_is_refused_as_sent_and_changes_nothing(bad, message):
+    from coordinator.errors import AggregationError
+
+    dp = DifferentialPrivacy(FedAvg(), clip_norm=1.0, noise_multiplier=0.0)
+    dp.configure_round(1, ["a", "b"], np.random.default_rng(0))
+    aggregation = dp.begin_aggregation(1, zeros())
+    aggregation.add(ClientUpdate("a", weights(1, 0.1), 3))
+    with pytest.raises(AggregationError, match=message):
+        aggregation.add(ClientUpdate("b", bad, 3))
+    assert aggregation.count == 1
+    # The mean over the 2 selected of the one clipped update: nothing of the refused one.
+    expected = flat(clip_update(weights(1, 0.1), 1.0)) / 2
+    np.testing.assert_allclose(flat(aggregation.finish()), expected, rtol=1e-6, atol=1e-7)

@@ -384,3 +384,77 @@ def test_a_step_that_overflows_float32_is_refused_and_changes_nothing(make, serv
 
 def update(values: list[float]) -> ClientUpdate:
     return ClientUpdate("a", [NamedArray("w", np.array(values, np.float32))], 1)
+
+
+# -- the public optimiser step ------------------------------------------------------------
+
+
+def test_step_is_public_and_is_the_reference_update():
+    # FedAvgM, beta 0.5, eta 2: v = d then 1.5 d; increments eta v.
+    strategy = FedAvgM(server_lr=2.0, server_momentum=0.5)
+    delta = [NamedArray("w", np.array([1.0, -2.0]))]
+    first = strategy.step(delta)
+    assert [n for n, _ in first] == ["w"] and first[0].array.dtype == np.float64
+    np.testing.assert_allclose(first[0].array, [2.0, -4.0])
+    saved = strategy.state_dict()
+    np.testing.assert_allclose(strategy.step(delta)[0].array, [3.0, -6.0])
+    strategy.load_state_dict(saved)  # the documented way to discard a step
+    np.testing.assert_allclose(strategy.step(delta)[0].array, [3.0, -6.0])
+    with pytest.raises(CoordinatorError, match="layout"):
+        strategy.step([NamedArray("other", np.zeros(2))])
+    assert not any(hasattr(strategy, name) for name in ("_step", "_snapshot", "_rollback"))
+
+
+def test_adam_step_matches_one_round_of_the_reference():
+    rounds = random_rounds(30, 1, 3)
+    global_weights = random_weights(np.random.default_rng(31))
+    strategy = FedAdam(server_lr=0.1, tau=1e-9)
+    delta = [NamedArray(name, mean_delta(rounds[0], i)) for i, (name, _) in enumerate(LAYOUT)]
+    increment = strategy.step(delta)
+    (expected,) = reference("adam", global_weights, rounds, eta=0.1, tau=1e-9)
+    for (_, inc), (_, g), e in zip(increment, global_weights, expected, strict=True):
+        np.testing.assert_allclose(g.astype(np.float64) + inc, e, rtol=1e-12, atol=1e-12)
+
+
+# -- constructors: keyword-only, one error type ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: FedAvg(0.5),
+        lambda: FedAvgM(1.0),
+        lambda: FedAdam(0.1),
+        lambda: FedYogi(0.1, 0.9),
+        lambda: FedProx(0.1),
+    ],
+)
+def test_constructors_are_keyword_only(make):
+    with pytest.raises(TypeError, match="positional"):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: FedAvg(fraction_fit=0.0), r"fraction_fit must be in \(0, 1\], got 0.0"),
+        (lambda: FedAvg(fraction_fit="all"), r"fraction_fit must be in \(0, 1\], got 'all'"),
+        (lambda: FedAvg(min_fit=3, min_available=2), r"need 1 <= min_fit \(3\) <= min_available \(2\)"),
+        (lambda: FedAvg(min_fit=1.5, min_available=2), r"need 1 <= min_fit \(1.5\)"),
+        (lambda: FedAvg(lr_decay=1.5), r"lr_decay must be in \(0, 1\], got 1.5"),
+        (lambda: FedAvg(server_lr=float("inf")), "server_lr must be finite, got inf"),
+        (lambda: FedAvgM(server_lr="1"), "server_lr must be a number, got str"),
+        (lambda: FedAvgM(server_momentum=float("nan")), "server_momentum must be finite, got nan"),
+        (lambda: FedAvgM(server_momentum=1.0), r"server_momentum must be in \[0, 1\), got 1.0"),
+        (lambda: FedAdam(beta_2=True), "beta_2 must be a number, got bool"),
+        (lambda: FedAdam(tau=-1.0), r"tau must be positive \(it keeps m / \(sqrt\(v\) \+ tau\) finite\), got -1.0"),
+        (lambda: FedProx(mu=-0.5), r"mu must be >= 0 \(0 is plain FedAvg\), got -0.5"),
+        (lambda: FedOpt(), "FedOpt is a base class"),
+    ],
+)
+def test_bad_hyper_parameters_raise_one_error_type_with_the_range(make, message):
+    from coordinator.strategies import StrategyConfigError
+
+    with pytest.raises(StrategyConfigError, match=message) as info:
+        make()
+    assert isinstance(info.value, CoordinatorError)

@@ -353,3 +353,70 @@ def test_examples_do_not_matter_for_median_and_trimmed_mean():
     for combine in (coordinate_median, lambda r: trimmed_mean(r, 0.2)):
         for (_, a), (_, b) in zip(combine(results), combine(relabelled), strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", sorted(ROBUST))
+def test_strategy_checks_each_update_once_when_added_not_again_at_finish(name, monkeypatch):
+    import coordinator.strategies.robust as robust
+
+    checked: list[int] = []
+    original = robust.check_update
+    monkeypatch.setattr(robust, "check_update", lambda *a, **k: checked.append(1) or original(*a, **k))
+    results = random_results(40, 6)
+    global_weights = random_weights(np.random.default_rng(41))
+    got = aggregate(ROBUST[name][0](), global_weights, results)
+    assert len(checked) == len(results)  # at add(); finish() combines the checked updates as they are
+    expected = apply_delta_reference(global_weights, ROBUST[name][1](results))
+    for (_, a), b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def apply_delta_reference(global_weights, delta) -> list[np.ndarray]:
+    return [g.astype(np.float64) + d.astype(np.float64) for (_, g), (_, d) in zip(global_weights, delta, strict=True)]
+
+
+def test_validated_updates_are_combined_as_checked_ones():
+    results = random_results(42, 5)
+    global_weights = random_weights(np.random.default_rng(43))
+    aggregation = FedMedian().begin_aggregation(1, global_weights)
+    for k, (delta, n) in enumerate(results):
+        aggregation.add(ClientUpdate(f"c{k}", delta, n, validated=True))
+    expected = aggregate(FedMedian(), global_weights, results)
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(aggregation.finish(), expected, strict=True))
+
+
+@pytest.mark.parametrize("make", [lambda: FedTrimmedAvg(0.2), lambda: Krum(1), lambda: FedMedian(0.5)])
+def test_strategy_constructors_are_keyword_only(make):
+    with pytest.raises(TypeError, match="positional"):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: FedTrimmedAvg(beta=0.5), r"beta must be a number in \[0, 0.5\), got 0.5"),
+        (lambda: FedTrimmedAvg(beta="0.1"), r"beta must be a number in \[0, 0.5\), got '0.1'"),
+        (lambda: FedTrimmedAvg(beta=0.2, min_fit=4), "non-robust mean"),
+        (lambda: Krum(num_byzantine=-1), "num_byzantine must be an int >= 0, got -1"),
+        (lambda: Krum(multi=0), "multi must be an int >= 1, got 0"),
+        (lambda: Krum(num_byzantine=1, min_fit=4), r"needs min_fit >= 2f \+ 3 = 5, got 4"),
+    ],
+)
+def test_strategy_parameter_errors_are_strategy_config_errors(make, message):
+    from coordinator.strategies import StrategyConfigError
+
+    with pytest.raises(StrategyConfigError, match=message):
+        make()
+
+
+def test_numpy_integers_are_ints():
+    assert Krum(num_byzantine=np.int64(1), multi=np.int32(2)).min_fit == 5
+
+
+def test_a_subnormal_beta_is_refused_as_trimming_nothing_not_an_overflow():
+    # 1 / beta is inf in float64: the count needed is taken exactly (Hypothesis found this).
+    beta = 2.225073858507e-311
+    needed = min_trimmed_updates(beta)
+    assert needed > 10**310 and len(str(needed)) == 311
+    with pytest.raises(AggregationError, match="trims nothing"):
+        trimmed_mean(random_results(0, 1), beta)
