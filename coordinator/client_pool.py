@@ -26,6 +26,7 @@ from coordinator.strategies import RoundConfig
 from edge_client.error_feedback import ErrorFeedback
 from edge_client.errors import ProtocolError
 from edge_client.frames import decode_frame
+from edge_client.reasons import DIVERGED
 from edge_client.runtime import TrainableModel
 from edge_client.training import TrainingDiverged, encode_update, train_local, uses_error_feedback
 
@@ -81,7 +82,7 @@ def run_client_job(model: TrainableModel, job: ClientJob) -> ClientOutcome:
             feedback=feedback,
         )
     except TrainingDiverged:
-        return ClientOutcome(job.client_id, None, job.residuals, "diverged")
+        return ClientOutcome(job.client_id, None, job.residuals, DIVERGED)
     except ProtocolError as exc:
         return ClientOutcome(job.client_id, None, job.residuals, exc.reason)
     return ClientOutcome(job.client_id, payload, feedback.state_dict() if feedback else None)

@@ -6,6 +6,7 @@ Every message says what went wrong and what the user can do about it.
 from __future__ import annotations
 
 from edge_client import errors as _edge_errors
+from edge_client.reasons import BAD_TENSORS
 
 
 class CoordinatorError(_edge_errors.LitefedError):
@@ -19,7 +20,7 @@ class AggregationError(CoordinatorError):
     and acknowledged under, as :class:`~edge_client.errors.ProtocolError`'s.
     """
 
-    def __init__(self, message: str, reason: str = "bad_tensors"):
+    def __init__(self, message: str, reason: str = BAD_TENSORS):
         super().__init__(message)
         self.reason = reason
 

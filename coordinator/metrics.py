@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edge_client.reasons import STALE_ROUND
+
 
 @dataclass
 class RoundMetrics:
@@ -47,7 +49,7 @@ class RoundMetrics:
         """Count one rejected update; one for another round (``stale_round``) is also a late update."""
         self.clients_rejected += 1
         self.rejected_reasons[reason] = self.rejected_reasons.get(reason, 0) + 1
-        if reason == "stale_round":
+        if reason == STALE_ROUND:
             self.late_updates += 1
 
     def record_update(self, num_examples: int, client_metrics: Mapping[str, float]) -> None:

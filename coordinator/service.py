@@ -45,6 +45,7 @@ from edge_client.frames import decode_frame
 from edge_client.manifest import Manifest, load_manifest, manifest_path_for
 from edge_client.messages import Ack, ModelMeta, Presence, RoundAnnouncement, new_run_id
 from edge_client.model_file import sha256_hex
+from edge_client.reasons import CLIENT_MISMATCH
 from edge_client.runtime import TrainableModel
 from edge_client.topics import Topics
 from edge_client.transport import Message, Transport
@@ -329,7 +330,7 @@ class Coordinator:
             frame = decode_frame(payload)
             if frame.client_id != client:
                 raise ProtocolError(
-                    "client_mismatch", f"update on {client}'s topic claims to be from {frame.client_id!r}"
+                    CLIENT_MISMATCH, f"update on {client}'s topic claims to be from {frame.client_id!r}"
                 )
         except ProtocolError as exc:
             self._ack(client, self.engine.refuse(client, exc, frame))

@@ -47,6 +47,7 @@ from coordinator.rounds import OpenRound, RoundEngine
 from coordinator.strategies import FedAvg, RoundConfig, Strategy
 from edge_client.manifest import load_manifest, manifest_path_for
 from edge_client.messages import new_run_id
+from edge_client.reasons import NO_UPDATE
 from edge_client.runtime import TrainableModel
 from edge_client.state import StateStore
 from edge_client.training import uses_error_feedback
@@ -191,7 +192,7 @@ class FederatedProcess:
             self._save_residuals(outcome.client_id, outcome.residuals)
         if outcome.payload is None:
             log.warning("round %d: %s sent nothing (%s)", open_.number, outcome.client_id, outcome.error)
-            open_.metrics.reject(outcome.error or "no_update")
+            open_.metrics.reject(outcome.error or NO_UPDATE)
             return 0
         self.engine.accept(outcome.payload, outcome.client_id)
         return len(outcome.payload)

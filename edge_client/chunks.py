@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from edge_client.errors import ProtocolError
+from edge_client.reasons import BAD_CHECKSUM, BAD_CHUNK, BAD_MAGIC, BAD_VERSION, TOO_BUSY, TOO_LARGE, TRUNCATED
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +75,19 @@ class Chunk:
 def parse_chunk(message: bytes) -> Chunk:
     """Check one chunk's header and checksum; raise :class:`ProtocolError`."""
     if len(message) < HEADER_SIZE:
-        raise ProtocolError("truncated", f"chunk of {len(message)} bytes is shorter than its {HEADER_SIZE}-byte header")
+        raise ProtocolError(TRUNCATED, f"chunk of {len(message)} bytes is shorter than its {HEADER_SIZE}-byte header")
     magic, version, transfer_id, index, count, total, crc = _HEADER.unpack_from(message)
     if magic != MAGIC:
-        raise ProtocolError("bad_magic", f"chunk starts with {magic!r}, expected {MAGIC!r}")
+        raise ProtocolError(BAD_MAGIC, f"chunk starts with {magic!r}, expected {MAGIC!r}")
     if version != CHUNK_VERSION:
-        raise ProtocolError("bad_version", f"chunk version {version}, this litefed speaks {CHUNK_VERSION}")
+        raise ProtocolError(BAD_VERSION, f"chunk version {version}, this litefed speaks {CHUNK_VERSION}")
     if count < 1 or index >= count:
-        raise ProtocolError("bad_chunk", f"chunk index {index} of {count}")
+        raise ProtocolError(BAD_CHUNK, f"chunk index {index} of {count}")
     data = bytes(message[HEADER_SIZE:])
     if zlib.crc32(data) != crc:
-        raise ProtocolError("bad_checksum", f"chunk {index}/{count}: CRC-32 mismatch")
+        raise ProtocolError(BAD_CHECKSUM, f"chunk {index}/{count}: CRC-32 mismatch")
     if len(data) > total:
-        raise ProtocolError("bad_chunk", f"chunk {index}/{count} holds more than the {total}-byte payload")
+        raise ProtocolError(BAD_CHUNK, f"chunk {index}/{count} holds more than the {total}-byte payload")
     return Chunk(transfer_id, index, count, total, data)
 
 
@@ -132,19 +133,19 @@ class Reassembler:
         """Add one chunk from ``source`` (e.g. the topic); the payload once complete, else None."""
         chunk = parse_chunk(message)
         if chunk.total > self.max_payload:
-            raise ProtocolError("too_large", f"payload of {chunk.total} bytes exceeds the limit of {self.max_payload}")
+            raise ProtocolError(TOO_LARGE, f"payload of {chunk.total} bytes exceeds the limit of {self.max_payload}")
         self._expire()
         key = (source, chunk.transfer_id)
         transfer = self._transfers.get(key) or _Transfer(chunk.count, chunk.total, self._clock())
         if (transfer.count, transfer.total) != (chunk.count, chunk.total):
-            raise ProtocolError("bad_chunk", "chunk disagrees with earlier chunks of its transfer on count or size")
+            raise ProtocolError(BAD_CHUNK, "chunk disagrees with earlier chunks of its transfer on count or size")
         previous = transfer.parts.get(chunk.index)
         if previous is not None:
             if previous != chunk.data:
-                raise ProtocolError("bad_chunk", f"chunk {chunk.index} arrived twice with different data")
+                raise ProtocolError(BAD_CHUNK, f"chunk {chunk.index} arrived twice with different data")
             return None  # a QoS 1 duplicate
         if self._pending + len(chunk.data) > self.max_pending:
-            raise ProtocolError("too_busy", f"more than {self.max_pending} bytes of incomplete transfers are pending")
+            raise ProtocolError(TOO_BUSY, f"more than {self.max_pending} bytes of incomplete transfers are pending")
         self._transfers[key] = transfer
         transfer.parts[chunk.index] = chunk.data
         transfer.received += len(chunk.data)
@@ -155,7 +156,7 @@ class Reassembler:
         self._pending -= transfer.received
         payload = b"".join(transfer.parts[i] for i in range(transfer.count))
         if len(payload) != transfer.total:
-            raise ProtocolError("bad_chunk", f"reassembled {len(payload)} bytes, header promised {transfer.total}")
+            raise ProtocolError(BAD_CHUNK, f"reassembled {len(payload)} bytes, header promised {transfer.total}")
         return payload
 
     def _expire(self) -> None:

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edge_client.errors import ProtocolError
+from edge_client.reasons import BAD_CODEC_PARAMS, BAD_TENSOR_SIZE, OUT_OF_RANGE, UNKNOWN_CODEC
 
 
 class Codec(Protocol):
@@ -43,11 +44,11 @@ def _element_count(shape: tuple[int, ...]) -> int:
     count, extent = 1, 1
     for dim in shape:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
-            raise ProtocolError("bad_tensor_size", f"shape {shape} is not a list of non-negative ints")
+            raise ProtocolError(BAD_TENSOR_SIZE, f"shape {shape} is not a list of non-negative ints")
         count *= dim
         extent *= max(dim, 1)
         if extent > _MAX_EXTENT:
-            raise ProtocolError("bad_tensor_size", f"shape {shape} is too large")
+            raise ProtocolError(BAD_TENSOR_SIZE, f"shape {shape} is too large")
     return count
 
 
@@ -63,14 +64,14 @@ class _RawCodec:
         if self._wire.itemsize < 4 and np.any(np.abs(array) > limit):
             # Casting would silently turn these into inf and the receiver would
             # reject the whole update; say so at the source instead.
-            raise ProtocolError("out_of_range", f"values beyond ±{limit:g} do not fit {self.name}; use float32")
+            raise ProtocolError(OUT_OF_RANGE, f"values beyond ±{limit:g} do not fit {self.name}; use float32")
         return np.ascontiguousarray(array, dtype=self._wire).tobytes(), {}
 
     def decode(self, blob: bytes, params: Mapping[str, Any], shape: tuple[int, ...]) -> np.ndarray:
         expected = _element_count(shape) * self._wire.itemsize
         if len(blob) != expected:
             raise ProtocolError(
-                "bad_tensor_size", f"{self.name} tensor of shape {shape} needs {expected} bytes, got {len(blob)}"
+                BAD_TENSOR_SIZE, f"{self.name} tensor of shape {shape} needs {expected} bytes, got {len(blob)}"
             )
         return np.frombuffer(blob, dtype=self._wire).astype(np.float32).reshape(shape)
 
@@ -84,13 +85,13 @@ _LEVELS = 255  # uint8 codes 0..255
 
 
 def _bad_params(codec: str, message: str) -> ProtocolError:
-    return ProtocolError("bad_codec_params", f"{codec}: {message}")
+    return ProtocolError(BAD_CODEC_PARAMS, f"{codec}: {message}")
 
 
 def _check_blob(codec: str, blob: bytes, expected: int, shape: tuple[int, ...]) -> None:
     if len(blob) != expected:
         message = f"{codec} tensor of shape {shape} needs {expected} bytes, got {len(blob)}"
-        raise ProtocolError("bad_tensor_size", message)
+        raise ProtocolError(BAD_TENSOR_SIZE, message)
 
 
 def _param(codec: str, params: Mapping[str, Any], key: str) -> Any:
@@ -126,7 +127,7 @@ def _check_affine(codec: str, scale: Any, offset: Any, what: str) -> tuple[float
 
 def _refuse_non_finite(codec: str, array: np.ndarray) -> None:
     if array.size and not np.isfinite(array).all():
-        raise ProtocolError("out_of_range", f"{codec} cannot encode NaN or Inf")
+        raise ProtocolError(OUT_OF_RANGE, f"{codec} cannot encode NaN or Inf")
 
 
 def _affine_params(values: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -248,7 +249,7 @@ class _TopKCodec:
         flat = np.asarray(array, np.float32).reshape(-1)
         _refuse_non_finite(self.name, flat)
         if flat.size > np.iinfo(np.uint32).max:
-            raise ProtocolError("out_of_range", f"{self.name} indexes at most 2**32 - 1 values")
+            raise ProtocolError(OUT_OF_RANGE, f"{self.name} indexes at most 2**32 - 1 values")
         k = self.k_for(flat.size)
         if k == flat.size:
             indices = np.arange(k)
@@ -257,14 +258,14 @@ class _TopKCodec:
         kept = flat[indices]
         limit = float(np.finfo(self._values).max)
         if self._values.itemsize < 4 and kept.size and np.abs(kept).max() > limit:
-            raise ProtocolError("out_of_range", f"values beyond ±{limit:g} do not fit {self.name}")
+            raise ProtocolError(OUT_OF_RANGE, f"values beyond ±{limit:g} do not fit {self.name}")
         blob = indices.astype(_INDEX).tobytes() + kept.astype(self._values.newbyteorder("<")).tobytes()
         return blob, {"k": int(k)}
 
     def decode(self, blob: bytes, params: Mapping[str, Any], shape: tuple[int, ...]) -> np.ndarray:
         size = _element_count(shape)
         if size > MAX_DECODED_ELEMENTS:
-            raise ProtocolError("bad_tensor_size", f"{self.name}: {size} values exceed {MAX_DECODED_ELEMENTS}")
+            raise ProtocolError(BAD_TENSOR_SIZE, f"{self.name}: {size} values exceed {MAX_DECODED_ELEMENTS}")
         k = _param(self.name, params, "k")
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise _bad_params(self.name, f"k must be a non-negative integer, got {k!r}")
@@ -302,10 +303,10 @@ def _parametrised(name: str) -> Codec | None:
     if not sep or family not in _SPARSE_FAMILIES:
         return None
     if len(text) > _MAX_FRACTION_CHARS or not _FRACTION.fullmatch(text):
-        raise ProtocolError("unknown_codec", f"codec {name!r}: fraction must be a decimal number in (0, 1]")
+        raise ProtocolError(UNKNOWN_CODEC, f"codec {name!r}: fraction must be a decimal number in (0, 1]")
     fraction = Fraction(text)
     if not 0 < fraction <= 1:
-        raise ProtocolError("unknown_codec", f"codec {name!r}: fraction must be in (0, 1]")
+        raise ProtocolError(UNKNOWN_CODEC, f"codec {name!r}: fraction must be in (0, 1]")
     return _TopKCodec(name, fraction, _SPARSE_FAMILIES[family])
 
 
@@ -320,4 +321,4 @@ def get_codec(name: str) -> Codec:
         if codec is not None:
             return codec
     known = [*sorted(CODECS), "topk:<fraction>", "topk16:<fraction>"]
-    raise ProtocolError("unknown_codec", f"codec {name!r} is not one of {known}")
+    raise ProtocolError(UNKNOWN_CODEC, f"codec {name!r} is not one of {known}")

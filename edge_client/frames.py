@@ -28,6 +28,18 @@ import numpy as np
 from edge_client.codecs import get_codec
 from edge_client.errors import ProtocolError, WeightsError
 from edge_client.messages import UNNAMED_RUN, check_run_id
+from edge_client.reasons import (
+    BAD_CHECKSUM,
+    BAD_HEADER,
+    BAD_MAGIC,
+    BAD_TENSORS,
+    BAD_VERSION,
+    STALE_ROUND,
+    STALE_RUN,
+    TRUNCATED,
+    UNKNOWN_MODEL,
+    WRONG_KIND,
+)
 from edge_client.weights import NamedArray, TensorSpec, Weights, check_weights
 from edge_client.wire_json import loads_bounded
 
@@ -61,7 +73,7 @@ class Frame:
 
 def encode_frame(frame: Frame) -> bytes:
     """Serialize ``frame``; tensors are encoded with ``frame.codec``."""
-    check_run_id(frame.run, "frame to encode", "bad_header")
+    check_run_id(frame.run, "frame to encode", BAD_HEADER)
     codec = get_codec(frame.codec)
     blobs, specs = [], []
     for name, array in frame.tensors:
@@ -94,23 +106,23 @@ def decode_frame(data: bytes, *, accept_legacy: bool = False) -> Frame:
     ``run = UNNAMED_RUN``): for files written before v2, never for the wire.
     """
     if len(data) < _PREFIX.size + _CRC.size:
-        raise ProtocolError("truncated", f"frame of {len(data)} bytes is shorter than its fixed fields")
+        raise ProtocolError(TRUNCATED, f"frame of {len(data)} bytes is shorter than its fixed fields")
     magic, version, header_len = _PREFIX.unpack_from(data)
     if magic != MAGIC:
-        raise ProtocolError("bad_magic", f"frame starts with {magic!r}, expected {MAGIC!r}")
+        raise ProtocolError(BAD_MAGIC, f"frame starts with {magic!r}, expected {MAGIC!r}")
     if version != FRAME_VERSION and not (accept_legacy and version in LEGACY_VERSIONS):
         raise ProtocolError(
-            "bad_version",
+            BAD_VERSION,
             f"frame version {version}, this litefed speaks {FRAME_VERSION}; run one litefed version on every peer",
         )
     if header_len > MAX_HEADER_BYTES or _PREFIX.size + header_len + _CRC.size > len(data):
-        raise ProtocolError("truncated", f"header of {header_len} bytes does not fit a {len(data)}-byte frame")
+        raise ProtocolError(TRUNCATED, f"header of {header_len} bytes does not fit a {len(data)}-byte frame")
     (crc,) = _CRC.unpack_from(data, len(data) - _CRC.size)
     if zlib.crc32(memoryview(data)[: len(data) - _CRC.size]) != crc:
-        raise ProtocolError("bad_checksum", "CRC-32 mismatch: the frame was corrupted or truncated")
+        raise ProtocolError(BAD_CHECKSUM, "CRC-32 mismatch: the frame was corrupted or truncated")
     header = _parse_header(bytes(data[_PREFIX.size : _PREFIX.size + header_len]))
     if version == FRAME_VERSION:
-        check_run_id(header.get("run"), "frame header", "bad_header")
+        check_run_id(header.get("run"), "frame header", BAD_HEADER)
     else:
         header["run"] = UNNAMED_RUN
     payload = memoryview(data)[_PREFIX.size + header_len : len(data) - _CRC.size]
@@ -118,12 +130,12 @@ def decode_frame(data: bytes, *, accept_legacy: bool = False) -> Frame:
 
 
 def _parse_header(raw: bytes) -> dict[str, Any]:
-    header = loads_bounded(raw, "header", "bad_header")
+    header = loads_bounded(raw, "header", BAD_HEADER)
     if not isinstance(header, dict):
-        raise ProtocolError("bad_header", "header is not a JSON object")
+        raise ProtocolError(BAD_HEADER, "header is not a JSON object")
     _require(header, "kind", str)
     if header["kind"] not in KINDS:
-        raise ProtocolError("bad_header", f"kind {header['kind']!r} is not one of {KINDS}")
+        raise ProtocolError(BAD_HEADER, f"kind {header['kind']!r} is not one of {KINDS}")
     _require(header, "round", int)
     _require(header, "model_sha256", str)
     _require(header, "codec", str)
@@ -132,12 +144,12 @@ def _parse_header(raw: bytes) -> dict[str, Any]:
     _require(header, "metrics", dict)
     _require(header, "tensors", list)
     if header["round"] < 0 or header["num_examples"] < 0:
-        raise ProtocolError("bad_header", "round and num_examples must not be negative")
+        raise ProtocolError(BAD_HEADER, "round and num_examples must not be negative")
     for key, value in header["metrics"].items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise ProtocolError("bad_header", f"metric {key!r} is not a finite number")
+            raise ProtocolError(BAD_HEADER, f"metric {key!r} is not a finite number")
     if len(header["tensors"]) > MAX_TENSORS:
-        raise ProtocolError("bad_header", f"{len(header['tensors'])} tensors is more than {MAX_TENSORS}")
+        raise ProtocolError(BAD_HEADER, f"{len(header['tensors'])} tensors is more than {MAX_TENSORS}")
     return header
 
 
@@ -145,7 +157,7 @@ def _require(obj: dict, key: str, kind: type) -> None:
     value = obj.get(key)
     # bool is an int subclass; a JSON true is never a valid count.
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ProtocolError("bad_header", f"header field {key!r} must be a {kind.__name__}, got {value!r}")
+        raise ProtocolError(BAD_HEADER, f"header field {key!r} must be a {kind.__name__}, got {value!r}")
 
 
 def _build_frame(header: dict[str, Any], payload: memoryview) -> Frame:
@@ -154,11 +166,11 @@ def _build_frame(header: dict[str, Any], payload: memoryview) -> Frame:
     for spec in header["tensors"]:
         name, shape, nbytes = _tensor_spec(spec)
         if offset + nbytes > len(payload):
-            raise ProtocolError("truncated", f"tensor {name!r} runs past the end of the payload")
+            raise ProtocolError(TRUNCATED, f"tensor {name!r} runs past the end of the payload")
         tensors.append(NamedArray(name, codec.decode(bytes(payload[offset : offset + nbytes]), spec["params"], shape)))
         offset += nbytes
     if offset != len(payload):
-        raise ProtocolError("bad_header", f"{len(payload) - offset} payload bytes are not described by the header")
+        raise ProtocolError(BAD_HEADER, f"{len(payload) - offset} payload bytes are not described by the header")
     return Frame(
         kind=header["kind"],
         round=header["round"],
@@ -174,18 +186,18 @@ def _build_frame(header: dict[str, Any], payload: memoryview) -> Frame:
 
 def _tensor_spec(spec: Any) -> tuple[str, tuple[int, ...], int]:
     if not isinstance(spec, dict):
-        raise ProtocolError("bad_header", "tensor entry is not an object")
+        raise ProtocolError(BAD_HEADER, "tensor entry is not an object")
     _require(spec, "name", str)
     _require(spec, "shape", list)
     _require(spec, "nbytes", int)
     _require(spec, "params", dict)
     name, shape = spec["name"], spec["shape"]
     if not name or len(name) > MAX_NAME_LENGTH:
-        raise ProtocolError("bad_header", f"tensor name of length {len(name)} is not allowed")
+        raise ProtocolError(BAD_HEADER, f"tensor name of length {len(name)} is not allowed")
     if len(shape) > MAX_RANK or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise ProtocolError("bad_header", f"tensor {name!r}: shape {shape} is not a list of non-negative ints")
+        raise ProtocolError(BAD_HEADER, f"tensor {name!r}: shape {shape} is not a list of non-negative ints")
     if spec["nbytes"] < 0:
-        raise ProtocolError("bad_header", f"tensor {name!r}: negative size")
+        raise ProtocolError(BAD_HEADER, f"tensor {name!r}: negative size")
     return name, tuple(shape), spec["nbytes"]
 
 
@@ -200,21 +212,26 @@ def validate_frame(
     """Check that a decoded frame fits this federation; raise :class:`ProtocolError`.
 
     ``specs`` are the expected tensors (the manifest's trainable weights):
-    names, order, shapes, dtypes, and every value finite. ``current_round``,
+    names, order, shapes, dtypes, and every value finite
+    (:func:`~edge_client.weights.check_weights`). ``current_round``,
     when given, is the only round accepted (anything else is stale or early);
     ``run``, when given, the only run.
+
+    This is the one check of an update's tensors on its way into an
+    aggregation: a frame that passed it needs no other, and the coordinator
+    hands its tensors on marked as validated rather than checking them again.
     """
     if frame.kind != kind:
-        raise ProtocolError("wrong_kind", f"expected a {kind!r} frame, got {frame.kind!r}")
+        raise ProtocolError(WRONG_KIND, f"expected a {kind!r} frame, got {frame.kind!r}")
     if frame.model_sha256 != model_sha256:
-        raise ProtocolError("unknown_model", f"frame is for model {frame.model_sha256[:12]}, not {model_sha256[:12]}")
+        raise ProtocolError(UNKNOWN_MODEL, f"frame is for model {frame.model_sha256[:12]}, not {model_sha256[:12]}")
     if run is not None and frame.run != run:
-        raise ProtocolError("stale_run", f"frame is for run {frame.run}, the current run is {run}")
+        raise ProtocolError(STALE_RUN, f"frame is for run {frame.run}, the current run is {run}")
     if current_round is not None and frame.round != current_round:
-        raise ProtocolError("stale_round", f"frame is for round {frame.round}, the current round is {current_round}")
+        raise ProtocolError(STALE_ROUND, f"frame is for round {frame.round}, the current round is {current_round}")
     if kind == "update" and frame.num_examples < 1:
-        raise ProtocolError("bad_header", "an update must report at least one training example")
+        raise ProtocolError(BAD_HEADER, "an update must report at least one training example")
     try:
         check_weights(frame.tensors, specs)
     except WeightsError as exc:
-        raise ProtocolError("bad_tensors", str(exc)) from None
+        raise ProtocolError(BAD_TENSORS, str(exc)) from None

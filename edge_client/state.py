@@ -40,6 +40,7 @@ from edge_client.frames import Frame, decode_frame, validate_frame
 from edge_client.manifest import Manifest
 from edge_client.messages import is_run_id
 from edge_client.model_file import sha256_hex
+from edge_client.reasons import WRONG_KIND
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ class StateStore:
             if manifest is not None:
                 validate_frame(frame, manifest.weights, manifest.model_sha256, "global")
             elif frame.kind != "global":
-                raise ProtocolError("wrong_kind", f"a {frame.kind!r} frame")
+                raise ProtocolError(WRONG_KIND, f"a {frame.kind!r} frame")
         except ProtocolError as exc:
             log.warning("ignoring the stored global weights %s: %s", self.path(GLOBAL_FILE), exc)
             return None
