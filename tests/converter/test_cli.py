@@ -76,6 +76,7 @@ def test_without_tensorflow_says_which_extra_to_install(exe, model_file, tmp_pat
     assert not out.exists()
 
 
+@pytest.mark.slow  # a whole conversion with verification
 def test_a_conversion_prints_only_litefeds_own_lines(exe, model_file, tmp_path):
     # Verification included: it runs LiteRT, which announces its XNNPACK delegate on stderr.
     out = tmp_path / "tiny.tflite"
@@ -98,6 +99,7 @@ def test_a_conversion_prints_only_litefeds_own_lines(exe, model_file, tmp_path):
     assert load_manifest(out.with_suffix(".json")).batch_size == 4
 
 
+@pytest.mark.slow  # a whole conversion with verification
 def test_converts_a_function_spec_with_flags(model_file, tmp_path, capsys):
     out = tmp_path / "out" / "tiny.tflite"
     code = main(
@@ -126,6 +128,7 @@ def test_converts_a_function_spec_with_flags(model_file, tmp_path, capsys):
     assert "verified 3 train steps" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a whole conversion with verification
 def test_keras_file_uses_its_compiled_loss_and_optimizer(tmp_path):
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")])
     model.compile(loss="binary_crossentropy", optimizer=keras.optimizers.SGD(0.3, momentum=0.5))
