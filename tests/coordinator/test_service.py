@@ -6,7 +6,6 @@ checked exactly against a NumPy FedAvg reference.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -20,59 +19,13 @@ from coordinator.errors import CoordinatorError
 from coordinator.metrics import read_jsonl
 from coordinator.service import Coordinator, CoordinatorConfig
 from coordinator.strategies import FedAvg, RoundConfig
-from edge_client.chunks import Reassembler, split
+from edge_client.chunks import Reassembler
 from edge_client.frames import Frame, decode_frame, encode_frame
 from edge_client.messages import UNNAMED_RUN, Ack, ModelMeta, Presence, RoundAnnouncement, is_run_id
 from edge_client.model_file import sha256_hex
-from edge_client.topics import Topics
-from edge_client.transport import InMemoryBroker, InMemoryTransport, Message
+from edge_client.transport import InMemoryBroker, InMemoryTransport
 from edge_client.weights import NamedArray
-
-TOPICS = Topics("test")
-SMALL_CHUNK = 2048  # forces multi-chunk transfers even for the small tabular model
-
-
-class FakeClient:
-    """Speaks the protocol by hand: presence, then updates with chosen deltas."""
-
-    def __init__(self, broker: InMemoryBroker, client_id: str):
-        self.id = client_id
-        will = Message(TOPICS.presence(client_id), Presence("offline").to_bytes(), retain=True)
-        self.transport = InMemoryTransport(broker, client_id, will=will)
-        self.transport.connect()
-        for pattern in (TOPICS.round, TOPICS.ack(client_id), TOPICS.global_chunks):
-            self.transport.subscribe(pattern)
-        self.transport.publish(TOPICS.presence(client_id), Presence("online", 10).to_bytes(), retain=True)
-        self.acks: list[Ack] = []
-        self.rounds: list[RoundAnnouncement] = []
-        self.globals: dict[int, Frame] = {}
-        self._reassembler = Reassembler()
-
-    def pump(self, seconds: float = 0.05) -> None:
-        end = time.monotonic() + seconds
-        while (message := self.transport.receive(timeout=max(0.0, end - time.monotonic()))) is not None:
-            if message.topic == TOPICS.round:
-                if message.payload:  # empty: the coordinator cleared the retained announcement
-                    self.rounds.append(RoundAnnouncement.from_bytes(message.payload))
-            elif message.topic == TOPICS.ack(self.id):
-                self.acks.append(Ack.from_bytes(message.payload))
-            elif message.payload and (payload := self._reassembler.add(message.payload, "global")) is not None:
-                frame = decode_frame(payload)
-                self.globals[frame.round] = frame
-
-    def wait_for(self, condition, timeout: float = 10.0) -> None:
-        end = time.monotonic() + timeout
-        while not condition():
-            assert time.monotonic() < end, f"{self.id}: condition not met within {timeout} s"
-            self.pump()
-
-    def send(self, frame: Frame | bytes) -> None:
-        """Send an update; a Frame without a run gets the run of the last announcement, as a board's does."""
-        if isinstance(frame, Frame) and frame.run == UNNAMED_RUN:
-            frame = dataclasses.replace(frame, run=self.rounds[-1].run)
-        payload = frame if isinstance(frame, bytes) else encode_frame(frame)
-        for chunk in split(payload, SMALL_CHUNK):
-            self.transport.publish(TOPICS.update(self.id), chunk)
+from tests.fakes import SMALL_CHUNK, TOPICS, FakeClient
 
 
 @pytest.fixture()
@@ -219,7 +172,9 @@ def test_bad_updates_are_rejected_with_reasons_and_do_not_touch_the_model(tabula
     broker = InMemoryBroker()
     good, bad = FakeClient(broker, "pi-1"), FakeClient(broker, "pi-0")
     strategy = FedAvg(min_fit=2, min_available=2)
-    running = Running(_coordinator(broker, model_path, tmp_path, strategy, round_timeout=1.0, max_attempts=1))
+    # The round stays open for all the bad updates (its deadline is only what the assertion waits out),
+    # also on a loaded machine: a shorter one let late bad updates be refused as stale_round instead.
+    running = Running(_coordinator(broker, model_path, tmp_path, strategy, round_timeout=3.0, max_attempts=1))
     initial = running.coordinator.global_weights
     good.wait_for(lambda: good.rounds)
     delta = _delta(tabular, 7)

@@ -15,90 +15,21 @@ import time
 import numpy as np
 import pytest
 
-from edge_client.chunks import Reassembler, split
+from edge_client.chunks import split
 from edge_client.client import EdgeClient, last_will
 from edge_client.config import ClientConfig, DataSourceConfig
 from edge_client.frames import Frame, decode_frame, encode_frame, validate_frame
-from edge_client.messages import Ack, ModelMeta, Presence, RoundAnnouncement
+from edge_client.messages import ModelMeta, Presence, RoundAnnouncement
 from edge_client.model_file import sha256_hex
 from edge_client.topics import Topics
 from edge_client.transport import InMemoryBroker, InMemoryTransport, Message
 from edge_client.weights import NamedArray
+from tests.fakes import CLIENT, MODEL_CHUNK, RUN, T0, FakeCoordinator
 from tests.helpers import separable_binary_data
 
-CLIENT = "pi-1"
-T0 = 1_700_000_000.0
-MODEL_CHUNK = 4096  # several chunks even for the small tabular model
 UPDATE_CHUNK = 1024
 ACK_TIMEOUT = 10.0
 NUM_EXAMPLES = 48
-RUN = "1111111111111111"  # the fake coordinator's run
-
-
-class FakeCoordinator:
-    """Publishes what a coordinator publishes and collects what clients send."""
-
-    def __init__(self, broker: InMemoryBroker, tabular, topics: Topics | None = None):
-        self.topics = topics or Topics()
-        self.model = tabular.tflite
-        self.manifest = tabular.manifest
-        self.sha = sha256_hex(self.model)
-        self.run = RUN
-        self.transport = InMemoryTransport(broker, "coordinator")
-        self.transport.connect()
-        self.transport.subscribe(self.topics.updates)
-        self.transport.subscribe(self.topics.presences)
-        self.update_messages: list[bytes] = []  # raw update chunks, in arrival order
-        self.updates: list[bytes] = []  # reassembled update payloads
-        self.presence: dict[str, Presence] = {}
-        self._reassembler = Reassembler()
-
-    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        self.transport.publish(topic, payload, retain=retain)
-
-    def publish_meta(self) -> None:
-        count = len(split(self.model, MODEL_CHUNK))
-        meta = ModelMeta(self.sha, len(self.model), count, self.manifest.to_json())
-        self.publish(self.topics.model_meta, meta.to_bytes(), retain=True)
-
-    def publish_model_chunks(self) -> None:
-        for i, chunk in enumerate(split(self.model, MODEL_CHUNK)):
-            self.publish(self.topics.model_chunk(i), chunk, retain=True)
-
-    def publish_model(self) -> None:
-        self.publish_meta()
-        self.publish_model_chunks()
-
-    def publish_global(self, weights: list[NamedArray], round: int, run: str | None = None) -> bytes:
-        frame = encode_frame(Frame("global", round, self.sha, weights, run=run or self.run))
-        for i, chunk in enumerate(split(frame, MODEL_CHUNK)):
-            self.publish(self.topics.global_chunk(i), chunk, retain=True)
-        return frame
-
-    def announce(self, round: int, selected=(CLIENT,), deadline: float = T0 + 100, **kw) -> RoundAnnouncement:
-        kw.setdefault("run", self.run)
-        ann = RoundAnnouncement(round, tuple(selected), deadline, kw.pop("model_sha256", self.sha), **kw)
-        self.publish(self.topics.round, ann.to_bytes(), retain=True)
-        return ann
-
-    def ack(self, round: int, status: str, reason: str = "", client: str = CLIENT, run: str | None = None) -> None:
-        self.publish(self.topics.ack(client), Ack(round, status, reason, run or self.run).to_bytes())
-
-    def drain(self) -> None:
-        while (message := self.transport.receive(0)) is not None:
-            if self.topics.client_of(message.topic) is None:
-                continue
-            if message.topic.startswith(self.topics.base + "/presence/"):
-                if message.payload:
-                    self.presence[self.topics.client_of(message.topic)] = Presence.from_bytes(message.payload)
-                continue
-            self.update_messages.append(message.payload)
-            payload = self._reassembler.add(message.payload, message.topic)
-            if payload is not None:
-                self.updates.append(payload)
-
-    def close(self) -> None:
-        self.transport.close()
 
 
 def initial_weights(tabular) -> list[NamedArray]:
