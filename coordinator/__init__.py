@@ -1,1 +1,1 @@
-"""litefed coordinator: runs federated rounds over MQTT (see issue 3)."""
+"""litefed coordinator: runs federated rounds over MQTT, or simulates them (docs/architecture.md)."""
