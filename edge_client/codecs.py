@@ -23,6 +23,7 @@ import numpy as np
 
 from edge_client.errors import ProtocolError
 from edge_client.reasons import BAD_CODEC_PARAMS, BAD_TENSOR_SIZE, OUT_OF_RANGE, UNKNOWN_CODEC
+from edge_client.wire_json import finite_float
 
 
 class Codec(Protocol):
@@ -101,16 +102,8 @@ def _param(codec: str, params: Mapping[str, Any], key: str) -> Any:
 
 
 def _finite(codec: str, value: Any, what: str) -> float:
-    """A JSON number (int or float, never bool) that is finite as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _bad_params(codec, f"{what} must be a number, got {type(value).__name__}")
-    try:
-        number = float(value)
-    except OverflowError:
-        raise _bad_params(codec, f"{what} is out of range") from None
-    if not math.isfinite(number):
-        raise _bad_params(codec, f"{what} must be finite, got {number}")
-    return number
+    """A JSON number that is finite as a float, else ``bad_codec_params`` naming the codec."""
+    return finite_float(value, f"{codec}: {what}", BAD_CODEC_PARAMS)
 
 
 def _check_affine(codec: str, scale: Any, offset: Any, what: str) -> tuple[float, float]:

@@ -16,13 +16,13 @@ import math
 import re
 import secrets
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from edge_client.errors import ManifestError, ProtocolError
 from edge_client.manifest import Manifest
 from edge_client.reasons import BAD_JSON, BAD_SHA256, DUPLICATE, MANIFEST_MISMATCH, SIZE_MISMATCH, TOO_LARGE
 from edge_client.topics import check_name
-from edge_client.wire_json import loads_bounded
+from edge_client.wire_json import finite_float, loads_bounded
 
 MAX_JSON_BYTES = 1 << 20
 # A run id: 16 lowercase hex digits (64 random bits), fixed length so frame sizes do not depend on it.
@@ -42,7 +42,7 @@ def new_run_id() -> str:
     raise RuntimeError("the system random generator returned zeros eight times")
 
 
-def is_run_id(value: object) -> bool:
+def is_run_id(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and _RUN_ID.fullmatch(value) is not None
 
 
@@ -90,14 +90,7 @@ def _get(obj: dict, key: str, kind: type | tuple[type, ...], what: str) -> Any:
 
 def _number(obj: dict, key: str, what: str) -> float:
     """A finite float field; an int too large for a float is a ``bad_json``, never an ``OverflowError``."""
-    value = _get(obj, key, (int, float), what)
-    try:
-        number = float(value)
-    except OverflowError:
-        raise ProtocolError(BAD_JSON, f"{what}: field {key!r} is out of the float range") from None
-    if not math.isfinite(number):
-        raise ProtocolError(BAD_JSON, f"{what}: field {key!r} must be finite")
-    return number
+    return finite_float(_get(obj, key, (int, float), what), f"{what}: field {key!r}", BAD_JSON)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,23 @@ def loads_bounded(data: bytes, what: str, reason: str) -> Any:
         raise ProtocolError(reason, f"{what} is not valid JSON: {str(exc)[:120]}") from None
 
 
+def finite_float(value: object, what: str, reason: str) -> float:
+    """``value``, a decoded JSON number (int or float, never bool), as a finite float.
+
+    Anything else is ``ProtocolError(reason)``: a non-number, an integer too
+    large for a float (never an ``OverflowError``), or a non-finite value.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError(reason, f"{what} must be a number, got {type(value).__name__}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ProtocolError(reason, f"{what} is out of the float range") from None
+    if not math.isfinite(number):
+        raise ProtocolError(reason, f"{what} must be finite, got {number}")
+    return number
+
+
 def _depth(text: str) -> int:
     """Deepest bracket nesting outside strings (a cheap scan before the recursive parser runs)."""
     depth = deepest = 0
