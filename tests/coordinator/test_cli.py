@@ -7,7 +7,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,6 +15,10 @@ from coordinator.cli import coordinate, emulate, simulate
 from coordinator.cli.settings import CoordinatorSettings, EmulateSettings, SimulateSettings, StrategySettings
 from coordinator.plots import plot_rounds
 from edge_client.cli_support import UsageError
+from tests.helpers import modules_loaded_by
+
+# What --help and option parsing must not import.
+HEAVY = ("tensorflow", "keras", "ai_edge_litert", "matplotlib", "tqdm", "paho", "coordinator.service")
 
 
 def coordinator_settings(*argv: str, model: str = "m.tflite") -> CoordinatorSettings:
@@ -96,15 +99,11 @@ def test_help_shows_the_strategy_classes_defaults():
 
 def test_help_imports_nothing_heavy():
     code = (
-        "import sys\n"
         "from coordinator.cli import coordinate, emulate, simulate\n"
         "for build in (coordinate.build_parser, emulate.build_parser, simulate.build_parser):\n"
         "    build().format_help()\n"
-        "heavy = ('tensorflow', 'keras', 'ai_edge_litert', 'matplotlib', 'tqdm', 'paho', 'coordinator.service')\n"
-        "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
-    assert out.stdout.strip() == "[]", out.stdout
+    assert modules_loaded_by(code, HEAVY) == []
 
 
 @pytest.mark.parametrize(
@@ -295,17 +294,13 @@ def test_main_returns_the_status_instead_of_exiting(main, capsys):
 
 def test_settings_are_built_without_anything_heavy():
     code = (
-        "import sys\n"
         "from coordinator.cli import coordinate, emulate, simulate\n"
         "from coordinator.cli.settings import CoordinatorSettings, EmulateSettings, SimulateSettings\n"
         "CoordinatorSettings.from_args(coordinate.build_parser().parse_args(['--model', 'm.tflite']))\n"
         "EmulateSettings.from_args(emulate.build_parser().parse_args([]))\n"
         "SimulateSettings.from_args(simulate.build_parser().parse_args([]))\n"
-        "heavy = ('tensorflow', 'keras', 'ai_edge_litert', 'matplotlib', 'tqdm', 'paho', 'coordinator.service')\n"
-        "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
-    assert out.stdout.strip() == "[]", out.stdout
+    assert modules_loaded_by(code, HEAVY) == []
 
 
 def test_settings_are_frozen_and_leave_the_arguments_alone():
