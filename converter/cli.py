@@ -18,9 +18,10 @@ import os
 import sys
 import tempfile
 import time
+from typing import IO
 
 from converter.errors import ConverterError, MissingExtraError
-from edge_client.cli_support import EXIT_INTERRUPTED, EXIT_OK, command, fail
+from edge_client.cli_support import EXIT_INTERRUPTED, EXIT_OK, command, fail, new_parser
 from edge_client.errors import EdgeClientError
 
 PROG = "litefed-convert"
@@ -52,12 +53,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = new_parser(PROG, DESCRIPTION, EPILOG)
     p.add_argument("spec", metavar="SPEC", help="the Keras model: a .keras file, file.py:function or module:function")
     p.add_argument("-o", "--output", required=True, metavar="OUT.tflite", help="where to write the model")
     p.add_argument("--batch-size", type=int, required=True, metavar="N", help="fixed training batch size (static)")
@@ -158,7 +154,7 @@ class _StderrCapture:
         self.enabled = enabled
         self.text = ""
         self._saved: int | None = None
-        self._file = None
+        self._file: IO[bytes] | None = None
         self._faulthandler = False
 
     def __enter__(self) -> _StderrCapture:
@@ -183,6 +179,7 @@ class _StderrCapture:
         os.dup2(self._saved, 2)
         os.close(self._saved)
         self._saved = None
+        assert self._file is not None  # opened in __enter__, with _saved
         self._file.seek(0)
         self.text = self._file.read().decode("utf-8", errors="replace")
         self._file.close()

@@ -18,6 +18,7 @@ from edge_client.cli_support import (
     StopSignals,
     add_verbose_argument,
     command,
+    new_parser,
     print_error,
     setup_logging,
 )
@@ -76,12 +77,7 @@ exit status: 0 stopped normally, 1 runtime error (broker, disk), 2 bad configura
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = new_parser(PROG, DESCRIPTION, EPILOG)
     p.add_argument("--config", type=Path, metavar="FILE.toml", help="TOML settings file (see below)")
     p.add_argument("--broker", metavar="URL", help="broker URL, mqtt://[user:pass@]host[:port] or mqtts://...")
     p.add_argument("--client-id", metavar="ID", help="this device's id, unique in the federation")

@@ -57,6 +57,14 @@ def setup_logging(verbosity: int = 0, *, level: int = logging.INFO) -> None:
     logging.basicConfig(level=logging.DEBUG if verbosity > 0 else level, format=LOG_FORMAT, stream=sys.stderr)
 
 
+def new_parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """A command's parser, its help text laid out as written (so the examples keep their lines)."""
+    import argparse  # stdlib, and cheap: imported here only to keep this module's import list minimal
+
+    formatter = argparse.RawDescriptionHelpFormatter
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, formatter_class=formatter)
+
+
 def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
     """``-v``/``--verbose``, counted: what :func:`setup_logging` takes."""
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v: debug)")
@@ -87,6 +95,20 @@ def parse_settings(
         return args, settings(args)
     except UsageError as exc:
         parser.error(str(exc))
+
+
+def run_service(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    settings: Callable[[argparse.Namespace], T],
+    body: Callable[[T, threading.Event], int],
+) -> int:
+    """What a service command's ``main`` does: options checked into ``settings`` (exit 2 on a usage
+    error), logging set from ``-v``, then ``body(settings, stop)`` under :class:`StopSignals`."""
+    args, built = parse_settings(parser, argv, settings)
+    setup_logging(args.verbose)
+    with StopSignals() as signals:
+        return body(built, signals.stop)
 
 
 def exit_status(exc: SystemExit) -> int:

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from coordinator.cli.options import add_round_arguments
 from coordinator.cli.settings import BrokerSettings, CoordinatorSettings
-from edge_client.cli_support import EXIT_OK, StopSignals, command, fail, parse_settings, setup_logging
+from edge_client.cli_support import (
+    EXIT_OK,
+    command,
+    fail,
+    new_parser,
+    run_service,
+)
 
 if TYPE_CHECKING:
     from edge_client.transport import Transport
@@ -41,12 +48,7 @@ Press Ctrl+C twice to stop at once.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = new_parser(PROG, DESCRIPTION, EPILOG)
     p.add_argument("--model", required=True, type=Path, help="converted model; its manifest is read from MODEL.json")
     p.add_argument(
         "--broker", default="mqtt://127.0.0.1:1883", help="broker URL (mqtt:// or mqtts://, default %(default)s)"
@@ -81,18 +83,19 @@ def make_transport(broker: BrokerSettings) -> Transport:
 @command
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the coordinator; return the exit status (only ``__main__`` calls ``sys.exit``)."""
-    args, settings = parse_settings(build_parser(), argv, CoordinatorSettings.from_args)
-    setup_logging(args.verbose)
+    return run_service(build_parser(), argv, CoordinatorSettings.from_args, _coordinate)
+
+
+def _coordinate(settings: CoordinatorSettings, stop: threading.Event) -> int:
     from coordinator.cli.wiring import build_coordinator, run_with_progress
     from coordinator.errors import CoordinatorError
     from edge_client.errors import EdgeClientError
 
-    with StopSignals() as signals:
-        try:
-            coordinator = build_coordinator(settings, make_transport)
-            run_with_progress(coordinator, signals.stop, progress=settings.run.progress)
-        except (CoordinatorError, EdgeClientError, FileNotFoundError) as exc:
-            return fail(PROG, exc)
+    try:
+        coordinator = build_coordinator(settings, make_transport)
+        run_with_progress(coordinator, stop, progress=settings.run.progress)
+    except (CoordinatorError, EdgeClientError, FileNotFoundError) as exc:
+        return fail(PROG, exc)
     return EXIT_OK
 
 

@@ -27,7 +27,14 @@ import numpy as np
 from coordinator.cli.options import add_local_federation_arguments, add_round_arguments
 from coordinator.cli.settings import EmulateSettings
 from edge_client.broker_url import BrokerUrl
-from edge_client.cli_support import EXIT_OK, EXIT_RUNTIME, StopSignals, command, fail, parse_settings, setup_logging
+from edge_client.cli_support import (
+    EXIT_OK,
+    EXIT_RUNTIME,
+    command,
+    fail,
+    new_parser,
+    run_service,
+)
 
 if TYPE_CHECKING:
     from coordinator.broker import EmbeddedBroker
@@ -56,12 +63,7 @@ class ClientProcess:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description=__doc__.split("\n\n")[1],
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = new_parser(PROG, __doc__.split("\n\n")[1], EPILOG)
     add_local_federation_arguments(p, clients=4, clients_help="client processes to start", out="runs/emulation")
     p.add_argument(
         "--broker", default="auto", help="auto, mosquitto, amqtt, or the URL of a running broker (default %(default)s)"
@@ -144,10 +146,7 @@ def _watch_clients(clients: list[ClientProcess], stop: threading.Event, done: th
 @command
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the emulation; return the exit status (only ``__main__`` calls ``sys.exit``)."""
-    args, settings = parse_settings(build_parser(), argv, EmulateSettings.from_args)
-    setup_logging(args.verbose)
-    with StopSignals() as signals:
-        return _emulate(settings, signals.stop)
+    return run_service(build_parser(), argv, EmulateSettings.from_args, _emulate)
 
 
 def _emulate(settings: EmulateSettings, stop: threading.Event) -> int:
@@ -170,6 +169,7 @@ def _emulate(settings: EmulateSettings, stop: threading.Event) -> int:
     done = threading.Event()
     try:
         url = settings.broker_url if broker is None else _start(broker)  # the coordinator connects to it
+        assert url is not None  # there is an embedded broker exactly when no URL is given
         files = write_client_files(run.out, federation.x, federation.y, federation.parts, url.geturl(redact=False),
                                    settings.service.federation, run.seed)  # fmt: skip
         clients = start_clients(files)

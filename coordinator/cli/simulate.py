@@ -18,7 +18,14 @@ from collections.abc import Sequence
 
 from coordinator.cli.options import add_local_federation_arguments, add_round_arguments
 from coordinator.cli.settings import SimulateSettings
-from edge_client.cli_support import EXIT_OK, EXIT_RUNTIME, StopSignals, command, fail, parse_settings, setup_logging
+from edge_client.cli_support import (
+    EXIT_OK,
+    EXIT_RUNTIME,
+    command,
+    fail,
+    new_parser,
+    run_service,
+)
 
 PROG = "litefed-simulate"
 
@@ -38,12 +45,7 @@ depend only on --seed, not on --workers.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description=__doc__.split("\n\n")[1],
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = new_parser(PROG, __doc__.split("\n\n")[1], EPILOG)
     add_local_federation_arguments(p, clients=10, clients_help="virtual clients", out="runs/simulation")
     p.add_argument(
         "--workers",
@@ -69,10 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 @command
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the simulation; return the exit status (only ``__main__`` calls ``sys.exit``)."""
-    args, settings = parse_settings(build_parser(), argv, SimulateSettings.from_args)
-    setup_logging(args.verbose)
-    with StopSignals() as signals:
-        return _simulate(settings, signals.stop)
+    return run_service(build_parser(), argv, SimulateSettings.from_args, _simulate)
 
 
 def _simulate(settings: SimulateSettings, stop: threading.Event) -> int:
