@@ -7,6 +7,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -103,7 +104,7 @@ def resolve_optimizer(model: keras.Model, config: ConvertConfig) -> OptimizerCon
     base = OptimizerConfig()
     if compiled is not None:
         base = _from_keras_optimizer(compiled)
-    overrides = {
+    overrides: dict[str, Any] = {  # keyword arguments of dataclasses.replace
         "name": config.optimizer,
         "learning_rate": config.learning_rate,
         "momentum": config.momentum,

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from converter import ops
 from converter.losses import Head
+from converter.ops import Op, Param
 from converter.optimizers import OptimizerConfig, apply_updates
 
 
@@ -32,7 +32,7 @@ from converter.optimizers import OptimizerConfig, apply_updates
 class GraphSpec:
     """Everything needed to build the module: ops, head, optimizer, shapes."""
 
-    ops: tuple[ops.Op, ...]
+    ops: tuple[Op, ...]
     head: Head
     optimizer: OptimizerConfig
     batch_size: int
@@ -40,7 +40,7 @@ class GraphSpec:
     input_dtype: str = "float32"
 
     @property
-    def params(self) -> list[ops.Param]:
+    def params(self) -> list[Param]:
         return [p for op in self.ops for p in op.params]
 
 

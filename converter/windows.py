@@ -123,7 +123,7 @@ def padding_amounts(hw, window, strides, padding: str) -> tuple[tuple[int, int],
     """((top, bottom), (left, right)) that TensorFlow pads for ``padding``."""
     if padding != "same":
         return (0, 0), (0, 0)
-    return tuple(same_padding(hw[a], window[a], strides[a]) for a in (0, 1))
+    return same_padding(hw[0], window[0], strides[0]), same_padding(hw[1], window[1], strides[1])
 
 
 def pad_input(x: tf.Tensor, window, strides, padding: str, value: float) -> tuple[tf.Tensor, tuple]:
@@ -156,7 +156,8 @@ def _tiled_pads(hw, pool, padding) -> tuple[tuple[int, int], tuple[int, int]]:
     """
     pads = padding_amounts(hw, pool, pool, padding)
     out = [output_size(hw[a], pool[a], pool[a], padding) for a in (0, 1)]
-    return tuple((pads[a][0], out[a] * pool[a] - hw[a] - pads[a][0]) for a in (0, 1))
+    rows, cols = ((pads[a][0], out[a] * pool[a] - hw[a] - pads[a][0]) for a in (0, 1))
+    return rows, cols
 
 
 def _to_tiles(x: tf.Tensor, pads, value: float) -> tf.Tensor:

@@ -52,7 +52,7 @@ def save_checkpoint(directory: Path, model_sha256: str, state: ServerState) -> N
     run = state.run_id or UNNAMED_RUN
     frame = Frame("global", state.round, model_sha256, state.weights, run=run)
     atomic_write(directory / name, encode_frame(frame))
-    index = {
+    index: dict[str, object] = {
         "completed_round": state.round,
         "model_sha256": model_sha256,
         "run": state.run_id,
@@ -60,9 +60,12 @@ def save_checkpoint(directory: Path, model_sha256: str, state: ServerState) -> N
     }
     if state.strategy_state:
         buffer = io.BytesIO()
-        np.savez(buffer, **state.strategy_state)  # plain arrays, read back with allow_pickle=False
-        index["strategy_state"] = f"strategy-{state.round:06d}.npz"
-        atomic_write(directory / index["strategy_state"], buffer.getvalue())
+        # Plain arrays, read back with allow_pickle=False. numpy >= 2.2's stub cannot tell the state's keys
+        # from its allow_pickle keyword (older stubs have none).
+        np.savez(buffer, **state.strategy_state)  # type: ignore[arg-type, unused-ignore]
+        strategy_file = f"strategy-{state.round:06d}.npz"
+        index["strategy_state"] = strategy_file
+        atomic_write(directory / strategy_file, buffer.getvalue())
     atomic_write(directory / INDEX, json.dumps(index, indent=2).encode())
     for pattern, suffix in (("global-*.bin", ".bin"), ("strategy-*.npz", ".npz")):  # keep the last two
         keep_from = f"{pattern.split('*')[0]}{state.round - 1:06d}{suffix}"

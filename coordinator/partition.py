@@ -129,22 +129,24 @@ class PartitionSpec:
         takes_shards, takes_alpha = self.kind == "shards", self.kind == "dirichlet"
         if (self.shards_per_client is not None) != takes_shards or (self.alpha is not None) != takes_alpha:
             raise PartitionError(f"{self.kind!r} takes {_PARAMETER[self.kind]}; {_USAGE}")
-        if takes_shards:
+        # Given exactly when the kind takes it (checked above).
+        if self.shards_per_client is not None:
             _check_shards_per_client(self.shards_per_client)
-        if takes_alpha:
+        if self.alpha is not None:
             _check_alpha(self.alpha)
 
+    # The parameter is set exactly for its kind (see __post_init__).
     def __call__(self, labels: np.ndarray, num_clients: int, rng: Seed) -> list[np.ndarray]:
-        if self.kind == "shards":
+        if self.shards_per_client is not None:
             return shards(labels, num_clients, self.shards_per_client, rng)
-        if self.kind == "dirichlet":
+        if self.alpha is not None:
             return dirichlet(labels, num_clients, self.alpha, rng)
         return iid(len(labels), num_clients, rng)
 
     def __str__(self) -> str:
-        if self.kind == "shards":
+        if self.shards_per_client is not None:
             return f"shards:{self.shards_per_client}"
-        if self.kind == "dirichlet":
+        if self.alpha is not None:
             return f"dirichlet:{float(self.alpha)!r}"
         return self.kind
 
@@ -174,10 +176,12 @@ def parse_partition(spec: str) -> PartitionSpec:
     raise PartitionError(f"cannot parse partition {spec!r}; {_USAGE}")
 
 
-def _checked_spec(spec: str, kind: str, **parameter: float) -> PartitionSpec:
-    """``PartitionSpec(kind, **parameter)``; a value out of range names the spec and lists the valid forms."""
+def _checked_spec(
+    spec: str, kind: str, *, shards_per_client: int | None = None, alpha: float | None = None
+) -> PartitionSpec:
+    """``PartitionSpec(kind, ...)``; a value out of range names the spec and lists the valid forms."""
     try:
-        return PartitionSpec(kind, **parameter)
+        return PartitionSpec(kind, shards_per_client, alpha)
     except PartitionError as exc:
         raise PartitionError(f"{spec!r}: {exc}; {_USAGE}") from None
 

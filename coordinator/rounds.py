@@ -172,10 +172,9 @@ class RoundEngine:
         aggregation takes it. Then it counts in the round's metrics. A refusal
         goes through :meth:`refuse`.
         """
-        frame = update if isinstance(update, Frame) else None
+        frame: Frame | None = None  # for the refusal: None when the bytes do not decode
         try:
-            if frame is None:
-                frame = decode_frame(update)
+            frame = update if isinstance(update, Frame) else decode_frame(update)
             return self._fold_in(frame, sender, selected)
         except (ProtocolError, AggregationError) as exc:
             return self.refuse(sender, exc, frame)

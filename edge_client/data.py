@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -82,7 +83,7 @@ class ImageFolder:
 
 
 def load_image_folder(
-    path: str | Path, image_shape: tuple[int, int, int], labels: Sequence[str] | None = None
+    path: str | Path, image_shape: tuple[int, ...], labels: Sequence[str] | None = None
 ) -> ImageFolder:
     """Read ``path/<label>/*.png|jpg|...`` and resize every image to ``image_shape = (H, W, C)``.
 
@@ -117,7 +118,7 @@ def load_image_folder(
     return ImageFolder(x, np.array(ids, np.int32), tuple(f.name for f in folders), tuple(skipped))
 
 
-def _import_cv2():
+def _import_cv2() -> ModuleType:
     try:
         import cv2
     except ImportError as exc:
@@ -125,7 +126,7 @@ def _import_cv2():
     return cv2
 
 
-def _check_image_shape(image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+def _check_image_shape(image_shape: tuple[int, ...]) -> tuple[int, int, int]:
     if len(image_shape) != 3 or not all(isinstance(d, (int, np.integer)) and d > 0 for d in image_shape):
         raise DataError(f"image_shape must be (height, width, channels) of positive ints, got {image_shape!r}")
     if image_shape[2] not in (1, 3):
@@ -156,7 +157,7 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _read_image(cv2, file: Path, flag: int) -> np.ndarray | None:
+def _read_image(cv2: ModuleType, file: Path, flag: int) -> np.ndarray | None:
     """Decode ``file`` (8-bit, BGR or grayscale) or return None if it is not a readable image."""
     try:
         # imdecode of the bytes, unlike imread, handles any path on every platform.

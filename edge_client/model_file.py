@@ -69,7 +69,7 @@ def _operator_codes(model: bytes) -> list[tuple[int, str | None]]:
         raise ModelFileError(f"cannot parse the TensorFlow Lite flatbuffer: {exc}") from exc
 
 
-def _field(table: flatbuffers.table.Table, slot: int, flags, default: int) -> int:
+def _field(table: flatbuffers.table.Table, slot: int, flags: type, default: int) -> int:
     offset = table.Offset(slot)
     return table.Get(flags, offset + table.Pos) if offset else default
 

@@ -198,8 +198,11 @@ class ModelSync:
             orphan = self._orphan_global
             held = None if orphan is None else orphan[1]
             # Keep the latest: another model or run replaces it, as does a later round of the same.
-            same = held is not None and (held.model_sha256, held.run) == (frame.model_sha256, frame.run)
-            if not same or frame.round > held.round:
+            if (
+                held is None
+                or (held.model_sha256, held.run) != (frame.model_sha256, frame.run)
+                or frame.round > held.round
+            ):
                 self._orphan_global = (data, frame)
                 log.info(
                     "keeping global weights of round %d for model %s until that model arrives",

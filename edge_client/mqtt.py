@@ -1,6 +1,10 @@
 """MQTT over paho-mqtt 2.x: the only module of litefed that imports paho.
 
-:class:`MqttTransport` implements :class:`edge_client.transport.Transport`.
+:class:`MqttTransport` implements :class:`edge_client.transport.Transport`:
+it publishes and hands out received messages. Its connection's life (the
+handshake, CONNACK refusals, reconnection with :class:`Backoff` and the
+subscriptions sent again after each reconnection) is a :class:`_Connection`,
+which owns the paho client and its callbacks.
 paho runs its network loop in a background thread (``loop_start``); the
 callbacks on that thread only put messages into the bounded receive queue and
 update connection state, so user code never runs on (or blocks) paho's thread.
@@ -22,7 +26,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -103,70 +107,33 @@ class MqttTransport:
         self.max_payload = max_payload
         self.ack_timeout = ack_timeout
         self.backoff = backoff or Backoff()
-        self.reconnections = 0  # connections re-established after a loss
-
         self._queue = MessageQueue(queue_size, name=f"receive queue of {client_id!r}")
-        self._cond = threading.Condition()  # guards everything below; callbacks notify through it
-        self._patterns: list[str] = []
-        self._session_live = False  # CONNACK accepted, connection not lost since
-        self._ready = False  # ... and every pattern (re)subscribed
-        self._generation = 0  # successful CONNACKs so far
-        self._resubscribe: tuple[int, tuple[str, ...]] | None = None  # SUBACK mid awaited, its patterns
-        self._awaited: set[int] = set()  # SUBACK mids subscribe() waits for
-        self._subacks: dict[int, list[ReasonCode]] = {}
-        self._refusal: BrokerUnavailable | None = None
-        self._attempt = 0
-        self._started = False  # paho's network thread runs
-        self._handshaking = False  # connect() drives the first handshake on its own thread
-        self._closing = False
-        self._closed = False
-        self._client = self._make_client()
+        self._connection = _Connection(
+            _make_client(self.url, client_id, protocol, will),
+            self.url,
+            client_id,
+            protocol=protocol,
+            keepalive=keepalive,
+            backoff=self.backoff,
+            deliver=self._queue.put,
+        )
 
     def __repr__(self) -> str:
-        return f"MqttTransport({str(self.url)!r}, {self.client_id!r}, connected={self._ready})"
-
-    def _make_client(self) -> paho.Client:
-        client = paho.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=PROTOCOLS[self.protocol],
-            clean_session=True if self.protocol == "3.1.1" else None,
-        )
-        # A bug in a callback must not kill the network thread (paho re-raises by default).
-        client.suppress_exceptions = True
-        client.max_queued_messages_set(MAX_UNACKED_PUBLISHES)
-        if self.url.username is not None:
-            client.username_pw_set(self.url.username, self.url.password)
-        if self.url.tls:
-            try:
-                client.tls_set(
-                    ca_certs=None if self.url.ca_file is None else str(self.url.ca_file),
-                    certfile=None if self.url.cert_file is None else str(self.url.cert_file),
-                    keyfile=None if self.url.key_file is None else str(self.url.key_file),
-                    cert_reqs=ssl.CERT_REQUIRED,
-                )
-            except (OSError, ValueError) as exc:
-                raise BrokerUrlError(
-                    f"cannot set up TLS for {self.url}: {exc}; check that ca_file, cert_file and key_file are PEM files"
-                ) from exc
-        if self.will is not None:
-            check_topic(self.will.topic)
-            client.will_set(self.will.topic, self.will.payload, qos=QOS, retain=self.will.retain)
-        client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
-        client.on_disconnect = self._on_disconnect
-        client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
-        return client
+        return f"MqttTransport({str(self.url)!r}, {self.client_id!r}, connected={self._connection.ready})"
 
     # -- Transport ---------------------------------------------------------------------
     @property
     def connected(self) -> bool:
-        return self._ready and not self._handshaking
+        return self._connection.connected
 
     @property
     def dropped_messages(self) -> int:
         return self._queue.dropped
+
+    @property
+    def reconnections(self) -> int:
+        """Connections re-established after a loss."""
+        return self._connection.reconnections
 
     def connect(self, timeout: float = 10.0) -> None:
         """Connect and subscribe every pattern given so far; raise :class:`BrokerUnavailable`.
@@ -174,87 +141,13 @@ class MqttTransport:
         Raises :class:`BrokerAuthError` when the broker refuses the credentials.
         Once connected, lost connections are re-established in the background.
         """
-        with self._cond:
-            if self._closed:
-                raise TransportError(f"transport {self.client_id!r} is closed; create a new one to connect again")
-            if self._started:
-                return
-            self._closing = False
-            self._refusal = None
-        deadline = time.monotonic() + timeout
-        self._client.connect_timeout = timeout
-        # The first handshake (CONNACK, then SUBACK) runs on this thread and paho's network thread
-        # starts only afterwards, so a refusal or a dropped connection fails connect() at once
-        # instead of entering paho's reconnect loop.
-        # Other threads' publish() and subscribe() wait meanwhile: paho would write from their thread.
-        with self._cond:
-            self._handshaking = True
-        try:
-            self._open_socket()
-            rc = MQTTErrorCode.MQTT_ERR_SUCCESS
-            while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and (remaining := deadline - time.monotonic()) > 0:
-                rc = self._client.loop(min(0.05, remaining))
-                with self._cond:
-                    if self._ready or self._refusal is not None:
-                        break
-            with self._cond:
-                ready, refusal = self._ready, self._refusal
-            if ready:
-                self._started = True
-                self._client.loop_start()
-            else:
-                self._client.disconnect()  # no network thread yet: paho writes DISCONNECT and closes at once
-        finally:
-            with self._cond:
-                self._handshaking = False
-                if not self._started:
-                    self._session_live = self._ready = False
-                self._cond.notify_all()
-        if ready:
-            log.info("connected to %s as %r", self.url, self.client_id)
-            return
-        if refusal is not None:
-            raise refusal
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            raise BrokerUnavailable(
-                f"the MQTT broker at {self.url} closed the connection before accepting it. With mqtts://, "
-                "check the client certificate and key (the broker may require them); with mqtt://, check that "
-                "the port is not a TLS listener; the broker's log says why"
-            )
-        raise BrokerUnavailable(
-            f"the MQTT broker at {self.url} accepted the TCP connection but did not complete the MQTT handshake "
-            f"within {timeout:g} s. Check that an MQTT broker listens there and that the URL scheme matches it "
-            "(mqtts:// for a TLS listener, mqtt:// otherwise)"
-        )
-
-    def _open_socket(self) -> None:
-        """TCP (and TLS) connection and CONNECT packet; raise :class:`BrokerUnavailable`."""
-        try:
-            if self.protocol == "5":
-                self._client.connect(self.url.host, self.url.port, self.keepalive, clean_start=True)
-            else:
-                self._client.connect(self.url.host, self.url.port, self.keepalive)
-        except ssl.SSLError as exc:
-            raise BrokerUnavailable(
-                f"TLS handshake with the MQTT broker at {self.url} failed: {exc}. "
-                "Check ca_file (it must sign the broker's certificate) and the client certificate and key"
-            ) from exc
-        except OSError as exc:
-            raise BrokerUnavailable(
-                f"cannot reach the MQTT broker at {self.url}: {exc.strerror or exc}. "
-                "Check that the broker is running and listening on that host and port, and any firewall between"
-            ) from exc
+        self._connection.connect(timeout)
 
     def close(self) -> None:
         """Disconnect cleanly: the broker discards the will. Idempotent."""
-        with self._cond:
-            if self._closed:
-                return
-            self._closed = True
-            self._cond.notify_all()
-        self._stop()
-        self._queue.close()
-        log.debug("closed the connection to %s as %r", self.url, self.client_id)
+        if self._connection.close():
+            self._queue.close()
+            log.debug("closed the connection to %s as %r", self.url, self.client_id)
 
     def subscribe(self, pattern: str, timeout: float | None = None) -> None:
         """Receive messages on topics matching ``pattern``, now and after every reconnection.
@@ -264,41 +157,7 @@ class MqttTransport:
         subscribed on the next connection. Raises :class:`SubscribeFailed`.
         """
         check_pattern(pattern)
-        timeout = self.ack_timeout if timeout is None else timeout
-        with self._cond:
-            if pattern in self._patterns:
-                return
-            self._patterns.append(pattern)
-            # A concurrent connect() ends its handshake within its own timeout (see connect()).
-            self._cond.wait_for(lambda: not self._handshaking)
-            if not self._session_live:
-                return  # _on_connect subscribes it
-            rc, mid = self._client.subscribe(pattern, qos=QOS)
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
-                return  # the connection just dropped: _on_connect subscribes it again
-            self._awaited.add(mid)
-            generation = self._generation
-
-            def answered() -> bool:
-                return mid in self._subacks or not self._session_live or self._generation != generation
-
-            self._cond.wait_for(answered, timeout)
-            self._awaited.discard(mid)
-            codes = self._subacks.pop(mid, None)
-            if codes is None and (not self._session_live or self._generation != generation):
-                return  # the connection dropped meanwhile; _on_connect subscribes every pattern
-            if codes is None or any(code.is_failure for code in codes):
-                self._patterns.remove(pattern)
-        if codes is None:
-            raise SubscribeFailed(
-                f"the MQTT broker at {self.url} did not acknowledge the subscription to {pattern!r} "
-                f"within {timeout:g} s; retry, or check the broker's load"
-            )
-        if any(code.is_failure for code in codes):
-            raise SubscribeFailed(
-                f"the MQTT broker at {self.url} refused the subscription to {pattern!r} "
-                f"({', '.join(map(str, codes))}); check the broker's access control for client {self.client_id!r}"
-            )
+        self._connection.subscribe(pattern, self.ack_timeout if timeout is None else timeout)
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, timeout: float | None = None) -> None:
         """Publish with QoS 1 and wait for the PUBACK; raise :class:`PublishFailed` so the caller can resend.
@@ -339,7 +198,7 @@ class MqttTransport:
                 f"not connected to the MQTT broker at {self.url} (reconnecting); the message on {topic} was not "
                 "sent. Retry later"
             )
-        info = self._client.publish(topic, message.payload, qos=QOS, retain=message.retain)
+        info = self._connection.client.publish(topic, message.payload, qos=QOS, retain=message.retain)
         if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
             raise PublishFailed(
                 f"{MAX_UNACKED_PUBLISHES} messages to {self.url} are still waiting for their PUBACK; "
@@ -371,9 +230,220 @@ class MqttTransport:
 
     def wait_connected(self, timeout: float | None) -> bool:
         """Wait until connected with every subscription active; False after ``timeout`` or once closed."""
+        return self._connection.wait_connected(timeout)
+
+
+def _make_client(url: BrokerUrl, client_id: str, protocol: str, will: Message | None) -> paho.Client:
+    """A paho client set up for ``url`` (credentials, TLS, the will); its callbacks are set by :class:`_Connection`."""
+    client = paho.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=PROTOCOLS[protocol],
+        clean_session=True if protocol == "3.1.1" else None,
+    )
+    # A bug in a callback must not kill the network thread (paho re-raises by default).
+    client.suppress_exceptions = True
+    client.max_queued_messages_set(MAX_UNACKED_PUBLISHES)
+    if url.username is not None:
+        client.username_pw_set(url.username, url.password)
+    if url.tls:
+        try:
+            client.tls_set(
+                ca_certs=None if url.ca_file is None else str(url.ca_file),
+                certfile=None if url.cert_file is None else str(url.cert_file),
+                keyfile=None if url.key_file is None else str(url.key_file),
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        except (OSError, ValueError) as exc:
+            raise BrokerUrlError(
+                f"cannot set up TLS for {url}: {exc}; check that ca_file, cert_file and key_file are PEM files"
+            ) from exc
+    if will is not None:
+        check_topic(will.topic)
+        client.will_set(will.topic, will.payload, qos=QOS, retain=will.retain)
+    return client
+
+
+# -- the connection's life -----------------------------------------------------------
+
+
+class _Connection:
+    """One paho client's connection: the handshake, reconnection with backoff, and the subscriptions.
+
+    Owns ``client`` and its callbacks, which run on paho's thread: they only
+    update the state below under ``_cond`` and hand each message to
+    ``deliver``. :class:`MqttTransport` publishes through ``client`` once
+    :meth:`wait_connected` returns True.
+    """
+
+    def __init__(
+        self,
+        client: paho.Client,
+        url: BrokerUrl,
+        client_id: str,
+        *,
+        protocol: str,
+        keepalive: int,
+        backoff: Backoff,
+        deliver: Callable[[Message], None],
+    ):
+        self.client = client
+        self.url = url
+        self.client_id = client_id
+        self.protocol = protocol
+        self.keepalive = keepalive
+        self.backoff = backoff
+        self._deliver = deliver
+        self._cond = threading.Condition()  # guards everything below; callbacks notify through it
+        self.reconnections = 0  # connections re-established after a loss
+        self._patterns: list[str] = []
+        self._session_live = False  # CONNACK accepted, connection not lost since
+        self.ready = False  # ... and every pattern (re)subscribed
+        self._generation = 0  # successful CONNACKs so far
+        self._resubscribe: tuple[int, tuple[str, ...]] | None = None  # SUBACK mid awaited, its patterns
+        self._awaited: set[int] = set()  # SUBACK mids subscribe() waits for
+        self._subacks: dict[int, list[ReasonCode]] = {}
+        self._refusal: BrokerUnavailable | None = None
+        self._attempt = 0
+        self._started = False  # paho's network thread runs
+        self._handshaking = False  # connect() drives the first handshake on its own thread
+        self._closing = False
+        self._closed = False
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+
+    @property
+    def connected(self) -> bool:
+        return self.ready and not self._handshaking
+
+    def wait_connected(self, timeout: float | None) -> bool:
+        """Wait until connected with every subscription active; False after ``timeout`` or once closed."""
         with self._cond:
             self._cond.wait_for(lambda: self.connected or self._closed, timeout)
             return self.connected
+
+    def connect(self, timeout: float) -> None:
+        """Connect, subscribe every pattern, then start paho's thread; see :meth:`MqttTransport.connect`."""
+        with self._cond:
+            if self._closed:
+                raise TransportError(f"transport {self.client_id!r} is closed; create a new one to connect again")
+            if self._started:
+                return
+            self._closing = False
+            self._refusal = None
+        deadline = time.monotonic() + timeout
+        self.client.connect_timeout = timeout
+        # The first handshake (CONNACK, then SUBACK) runs on this thread and paho's network thread
+        # starts only afterwards, so a refusal or a dropped connection fails connect() at once
+        # instead of entering paho's reconnect loop.
+        # Other threads' publish() and subscribe() wait meanwhile: paho would write from their thread.
+        with self._cond:
+            self._handshaking = True
+        try:
+            self._open_socket()
+            rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+            while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and (remaining := deadline - time.monotonic()) > 0:
+                rc = self.client.loop(min(0.05, remaining))
+                with self._cond:
+                    if self.ready or self._refusal is not None:
+                        break
+            with self._cond:
+                ready, refusal = self.ready, self._refusal
+            if ready:
+                self._started = True
+                self.client.loop_start()
+            else:
+                self.client.disconnect()  # no network thread yet: paho writes DISCONNECT and closes at once
+        finally:
+            with self._cond:
+                self._handshaking = False
+                if not self._started:
+                    self._session_live = self.ready = False
+                self._cond.notify_all()
+        if ready:
+            log.info("connected to %s as %r", self.url, self.client_id)
+            return
+        if refusal is not None:
+            raise refusal
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise BrokerUnavailable(
+                f"the MQTT broker at {self.url} closed the connection before accepting it. With mqtts://, "
+                "check the client certificate and key (the broker may require them); with mqtt://, check that "
+                "the port is not a TLS listener; the broker's log says why"
+            )
+        raise BrokerUnavailable(
+            f"the MQTT broker at {self.url} accepted the TCP connection but did not complete the MQTT handshake "
+            f"within {timeout:g} s. Check that an MQTT broker listens there and that the URL scheme matches it "
+            "(mqtts:// for a TLS listener, mqtt:// otherwise)"
+        )
+
+    def _open_socket(self) -> None:
+        """TCP (and TLS) connection and CONNECT packet; raise :class:`BrokerUnavailable`."""
+        try:
+            if self.protocol == "5":
+                self.client.connect(self.url.host, self.url.port, self.keepalive, clean_start=True)
+            else:
+                self.client.connect(self.url.host, self.url.port, self.keepalive)
+        except ssl.SSLError as exc:
+            raise BrokerUnavailable(
+                f"TLS handshake with the MQTT broker at {self.url} failed: {exc}. "
+                "Check ca_file (it must sign the broker's certificate) and the client certificate and key"
+            ) from exc
+        except OSError as exc:
+            raise BrokerUnavailable(
+                f"cannot reach the MQTT broker at {self.url}: {exc.strerror or exc}. "
+                "Check that the broker is running and listening on that host and port, and any firewall between"
+            ) from exc
+
+    def close(self) -> bool:
+        """Disconnect cleanly (the broker discards the will); False when already closed."""
+        with self._cond:
+            if self._closed:
+                return False
+            self._closed = True
+            self._cond.notify_all()
+        self._stop()
+        return True
+
+    def subscribe(self, pattern: str, timeout: float) -> None:
+        """Subscribe ``pattern`` now and after every reconnection, as :meth:`MqttTransport.subscribe` says."""
+        with self._cond:
+            if pattern in self._patterns:
+                return
+            self._patterns.append(pattern)
+            # A concurrent connect() ends its handshake within its own timeout (see connect()).
+            self._cond.wait_for(lambda: not self._handshaking)
+            if not self._session_live:
+                return  # _on_connect subscribes it
+            rc, mid = self.client.subscribe(pattern, qos=QOS)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+                return  # the connection just dropped: _on_connect subscribes it again
+            self._awaited.add(mid)
+            generation = self._generation
+
+            def answered() -> bool:
+                return mid in self._subacks or not self._session_live or self._generation != generation
+
+            self._cond.wait_for(answered, timeout)
+            self._awaited.discard(mid)
+            codes = self._subacks.pop(mid, None)
+            if codes is None and (not self._session_live or self._generation != generation):
+                return  # the connection dropped meanwhile; _on_connect subscribes every pattern
+            if codes is None or any(code.is_failure for code in codes):
+                self._patterns.remove(pattern)
+        if codes is None:
+            raise SubscribeFailed(
+                f"the MQTT broker at {self.url} did not acknowledge the subscription to {pattern!r} "
+                f"within {timeout:g} s; retry, or check the broker's load"
+            )
+        if any(code.is_failure for code in codes):
+            raise SubscribeFailed(
+                f"the MQTT broker at {self.url} refused the subscription to {pattern!r} "
+                f"({', '.join(map(str, codes))}); check the broker's access control for client {self.client_id!r}"
+            )
 
     # -- lifecycle helpers -------------------------------------------------------------
     def _stop(self) -> None:
@@ -382,11 +452,11 @@ class MqttTransport:
             self._closing = True
             started, self._started = self._started, False
         if started:
-            self._client.disconnect()
+            self.client.disconnect()
             # Joins within ~1 s even mid-backoff: paho sleeps in 1 s slices and checks its state.
-            self._client.loop_stop()
+            self.client.loop_stop()
         with self._cond:
-            self._session_live = self._ready = False
+            self._session_live = self.ready = False
             self._cond.notify_all()
 
     def _next_delay(self) -> float:
@@ -398,7 +468,8 @@ class MqttTransport:
         """
         delay = self.backoff.delay(self._attempt)
         self._attempt += 1
-        self._client.reconnect_delay_set(delay, delay)
+        # paho annotates the delays as int but computes with them as numbers: sub-second delays work.
+        self.client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
         return delay
 
     # -- paho callbacks (paho's thread: no user code, no blocking) ----------------------
@@ -433,7 +504,7 @@ class MqttTransport:
                 if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
                     self._resubscribe = (mid, patterns)
             else:
-                self._ready = True
+                self.ready = True
             self._cond.notify_all()
 
     def _on_subscribe(
@@ -450,7 +521,7 @@ class MqttTransport:
                 for pattern, code in zip(patterns, reason_codes, strict=False):
                     if code.is_failure:
                         log.warning("%s refused the subscription to %r: %s", self.url, pattern, code)
-                self._ready = True
+                self.ready = True
             elif mid in self._awaited:
                 self._subacks[mid] = reason_codes
             self._cond.notify_all()
@@ -464,7 +535,7 @@ class MqttTransport:
         properties: Properties | None,
     ) -> None:
         with self._cond:
-            self._session_live = self._ready = False
+            self._session_live = self.ready = False
             self._resubscribe = None
             self._cond.notify_all()
             if self._closing or self._handshaking:  # closing, or connect() reports the loss itself
@@ -490,7 +561,7 @@ class MqttTransport:
         except UnicodeDecodeError:
             log.warning("dropped a message from %s whose topic is not valid UTF-8", self.url)
             return
-        self._queue.put(Message(topic, bytes(msg.payload), bool(msg.retain)))
+        self._deliver(Message(topic, bytes(msg.payload), bool(msg.retain)))
 
 
 def _refusal_error(url: BrokerUrl, client_id: str, reason: ReasonCode) -> BrokerUnavailable:

@@ -119,10 +119,10 @@ class Progress:
             if not isinstance(pending, dict):
                 raise ValueError("pending must be an object")
             pending = PendingUpdate(
-                round=_round(pending.get("round"), "pending.round", optional=False),
+                round=_count(pending.get("round"), "pending.round"),
                 model_sha256=_str(pending.get("model_sha256"), "pending.model_sha256"),
                 sha256=_str(pending.get("sha256"), "pending.sha256"),
-                size=_round(pending.get("size"), "pending.size", optional=False),
+                size=_count(pending.get("size"), "pending.size"),
             )
         return cls(
             model_sha256=_str(obj.get("model_sha256"), "model_sha256"),
@@ -133,9 +133,11 @@ class Progress:
         )
 
 
-def _round(value: Any, name: str, optional: bool = True) -> int | None:
-    if value is None and optional:
-        return None
+def _round(value: Any, name: str) -> int | None:
+    return None if value is None else _count(value, name)
+
+
+def _count(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     return value
@@ -307,7 +309,8 @@ class StateStore:
         """Write the residuals of ``model_sha256`` (plain arrays, read back without pickle)."""
         buffer = io.BytesIO()
         arrays = {_RESIDUAL_PREFIX + name: np.asarray(value, np.float32) for name, value in residuals.items()}
-        np.savez(buffer, model_sha256=np.array(model_sha256), **arrays)
+        # numpy >= 2.2's stub cannot tell these keys (all prefixed) from its allow_pickle keyword; older ones can.
+        np.savez(buffer, model_sha256=np.array(model_sha256), **arrays)  # type: ignore[arg-type, unused-ignore]
         self._write(RESIDUALS_FILE, buffer.getvalue())
 
     def load_residuals(self, model_sha256: str) -> dict[str, np.ndarray] | None:

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import argparse
 import inspect
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_client.cli_support import add_verbose_argument
+
+if TYPE_CHECKING:
+    from coordinator.strategies import FedAvg
 
 
 def add_round_arguments(
@@ -116,7 +121,7 @@ def _default(cls: type, parameter: str) -> object:
     return inspect.signature(cls).parameters[parameter].default
 
 
-def _server_lr_defaults(strategies: dict[str, type]) -> str:
+def _server_lr_defaults(strategies: Mapping[str, type[FedAvg]]) -> str:
     """``1.0 for fedavg, ...; 0.1 for fedadagrad; ...``, grouped by value, from the classes."""
     by_rate: dict[float, list[str]] = {}
     for name, cls in strategies.items():

@@ -18,7 +18,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edge_client.broker_url import BrokerUrl
 from edge_client.cli_support import UsageError
@@ -79,16 +79,16 @@ class StrategySettings:
         settings.check()
         return settings
 
-    def options(self) -> dict[str, object]:
+    def options(self) -> dict[str, Any]:
         """The keyword arguments of the strategy's class that these settings set."""
-        options: dict[str, object] = {
+        options: dict[str, Any] = {
             "fraction_fit": self.fraction_fit,
             "min_fit": self.min_fit,
             "min_available": self.min_available,
             "lr_decay": self.lr_decay,
             "server_lr": self.server_lr,
         }
-        own = {
+        own: dict[str, dict[str, Any]] = {
             "fedavgm": {"server_momentum": self.server_momentum},
             "fedprox": {"mu": self.mu},
             "trimmed-mean": {"beta": self.trim_beta},

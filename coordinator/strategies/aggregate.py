@@ -63,6 +63,12 @@ class StreamingAverage:
     serialise calls to :meth:`add` and :meth:`result`.
     """
 
+    # Set by reset().
+    _layout: tuple[TensorSpec, ...] | None
+    _sums: list[np.ndarray]
+    _count: int
+    _total_examples: int
+
     def __init__(self) -> None:
         self.reset()
 
@@ -115,8 +121,8 @@ class StreamingAverage:
 
     def reset(self) -> None:
         """Forget every update and the layout, ready for the next round."""
-        self._layout: tuple[TensorSpec, ...] | None = None
-        self._sums: list[np.ndarray] = []
+        self._layout = None
+        self._sums = []
         self._count = 0
         self._total_examples = 0
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -155,12 +155,14 @@ class DifferentialPrivacy(Strategy):
         self._rates: list[float] = []  # sampling rate of every aggregated round so far
 
     # -- the Strategy hooks, delegated ------------------------------------------------
+    # Read-only views of the wrapped strategy's counts (Strategy declares plain attributes, which
+    # the engine only reads): a writable copy here could disagree with the strategy that aggregates.
     @property
-    def min_fit(self) -> int:
+    def min_fit(self) -> int:  # type: ignore[override]
         return self.strategy.min_fit
 
     @property
-    def min_available(self) -> int:
+    def min_available(self) -> int:  # type: ignore[override]
         return self.strategy.min_available
 
     @property
@@ -211,10 +213,10 @@ class DifferentialPrivacy(Strategy):
         inner = self.strategy.state_dict()
         return {**inner, _STATE_KEY: np.asarray(self._rates, np.float64)}
 
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        state = dict(state)
-        rates = np.asarray(state.pop(_STATE_KEY, np.zeros(0)), np.float64)
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        inner = dict(state)
+        rates = np.asarray(inner.pop(_STATE_KEY, np.zeros(0)), np.float64)
         if rates.ndim != 1 or not np.all((rates > 0) & (rates <= 1)):
             raise CoordinatorError("checkpoint: the DP sampling-rate history is malformed")
-        self.strategy.load_state_dict(state)  # an empty state resets it, as FederatedProcess.next expects
+        self.strategy.load_state_dict(inner)  # an empty state resets it, as FederatedProcess.next expects
         self._rates = [float(r) for r in rates]

@@ -32,6 +32,7 @@ the global weights' dtypes.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -156,7 +157,7 @@ class _ServerOptimizer(FedAvg):
             for name, array in zip(self._names, self._state[slot], strict=True)
         }
 
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore what :meth:`state_dict` returned (an empty dict resets the optimiser).
 
         Tensor order is taken from ``state``'s key order, as produced by

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import numpy as np
 
@@ -35,6 +36,11 @@ __all__ = [
 ]
 
 
+# What is_real and is_int accept.
+Real = int | float | np.integer | np.floating
+Int = int | np.integer
+
+
 class StrategyConfigError(CoordinatorError):
     """A strategy was given a hyper-parameter outside its range; the message names it and the range."""
 
@@ -48,10 +54,10 @@ class Interval:
     low_open: bool = False
     high_open: bool = False
 
-    def __contains__(self, value: float) -> bool:
+    def __contains__(self, value: Real) -> bool:
         above = value > self.low if self.low_open else value >= self.low
         below = value < self.high if self.high_open else value <= self.high
-        return above and below
+        return bool(above and below)  # NumPy compares to numpy.bool; ``in`` makes it a bool anyway
 
     def __str__(self) -> str:
         return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
@@ -65,12 +71,12 @@ POSITIVE = Interval(0.0, math.inf, low_open=True, high_open=True)  # finite and 
 NON_NEGATIVE = Interval(0.0, math.inf, high_open=True)  # finite and >= 0
 
 
-def is_real(value: object) -> bool:
+def is_real(value: object) -> TypeGuard[Real]:
     """A Python or NumPy real number; ``bool`` is not one (``True`` is no learning rate)."""
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
-def is_int(value: object) -> bool:
+def is_int(value: object) -> TypeGuard[Int]:
     """A Python or NumPy integer, not a ``bool``."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -364,6 +365,25 @@ def test_mqtt_transport_checks_its_arguments_before_any_network():
     with pytest.raises(PayloadTooLarge, match="max_payload=4"):
         transport.publish("t", b"12345")
     assert not transport.connected
+
+
+def test_an_unconnected_mqtt_transport_defers_subscriptions_refuses_publishes_and_closes_once():
+    # Its connection's state, seen through the transport's API alone (no broker: port 1 is closed).
+    transport = MqttTransport("mqtt://127.0.0.1:1", "c")
+    assert repr(transport) == "MqttTransport('mqtt://127.0.0.1:1', 'c', connected=False)"
+    assert transport.reconnections == 0
+    transport.subscribe("a/#", timeout=0.01)  # remembered for the next connection, not an error
+    with pytest.raises(PublishFailed, match="not connected"):
+        transport.publish("a/b", b"x", timeout=0.01)
+    assert not transport.wait_connected(0.01)
+    transport.close()
+    transport.close()
+    started = time.monotonic()
+    assert not transport.wait_connected(5)  # closed: both return at once instead of waiting
+    assert transport.receive(5) is None
+    assert time.monotonic() - started < 2
+    with pytest.raises(TransportError, match="closed"):
+        transport.connect(timeout=0.1)
 
 
 # -- reconnection delays and refusals ------------------------------------------------
