@@ -23,6 +23,8 @@ c. ``full``: what the coordinator does with one reassembled update frame:
    ``decode_frame(bytes)`` + ``validate_frame(...)`` (manifest specs, model
    hash, round) + ``FedAvg().begin_aggregation(...).add(ClientUpdate(..., validated=True))``,
    on frames encoded beforehand with ``encode_frame`` (codec float32);
+c'. ``full_rechecked``: (c) with ``validated=False``, the path before issue 10,
+   where the aggregation checked layout and values a second time;
 d. ``chunks+full``: (c) preceded by ``Reassembler.add`` of the update's
    96 KiB MQTT chunks (``edge_client.chunks.split``, done beforehand), i.e.
    everything the coordinator does per received update except MQTT I/O.
@@ -92,12 +94,13 @@ MNIST_CNN_PARAMS = 1_663_370
 SPECS = tuple(TensorSpec(name, shape, "float32") for name, shape in MNIST_CNN_SHAPES)
 assert sum(int(np.prod(s)) for _, s in MNIST_CNN_SHAPES) == MNIST_CNN_PARAMS
 
-VARIANTS = ("bound", "bound64", "streaming", "full", "chunks_full")
+VARIANTS = ("bound", "bound64", "streaming", "full", "full_rechecked", "chunks_full")
 LABELS = {
     "bound": "a. bound: acc += n * w (float32 product)",
     "bound64": "a2. acc += multiply(w, n, dtype=float64)",
     "streaming": "b. StreamingAverage.add",
     "full": "c. decode + validate + FedAvg add",
+    "full_rechecked": "c'. (c), the aggregation re-checking",
     "chunks_full": "d. chunk reassembly + (c)",
 }
 
@@ -181,21 +184,25 @@ def make_streaming(updates, frames, chunked):
     return add, average.result
 
 
-def _full_path(aggregation, data: bytes) -> None:
+def _full_path(aggregation, data: bytes, validated: bool = True) -> None:
     frame = decode_frame(data)
     validate_frame(frame, SPECS, MODEL_SHA256, "update", current_round=ROUND)
-    aggregation.add(
-        ClientUpdate(frame.client_id, frame.tensors, frame.num_examples, dict(frame.metrics), validated=True)
-    )
+    update = ClientUpdate(frame.client_id, frame.tensors, frame.num_examples, dict(frame.metrics), validated=validated)
+    aggregation.add(update)
 
 
-def make_full(updates, frames, chunked):
+def make_full(updates, frames, chunked, validated: bool = True):
     aggregation = FedAvg().begin_aggregation(ROUND, global_weights())
 
     def add(i: int) -> None:
-        _full_path(aggregation, frames[i])
+        _full_path(aggregation, frames[i], validated)
 
     return add, aggregation.finish
+
+
+def make_full_rechecked(updates, frames, chunked):
+    """(c) as it was before issue 10: the aggregation checks layout and values again."""
+    return make_full(updates, frames, chunked, validated=False)
 
 
 def make_chunks_full(updates, frames, chunked):
@@ -217,6 +224,7 @@ FACTORIES = {
     "bound64": make_bound64,
     "streaming": make_streaming,
     "full": make_full,
+    "full_rechecked": make_full_rechecked,
     "chunks_full": make_chunks_full,
 }
 
@@ -250,7 +258,7 @@ def check_agreement(data) -> dict:
     distinct = len(data[0])
     out = {}
     ref = None
-    for variant in ("bound64", "streaming", "full"):
+    for variant in ("bound64", "streaming", "full", "full_rechecked"):
         add, finish = FACTORIES[variant](*data)
         for i in range(distinct):
             add(i)
