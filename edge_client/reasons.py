@@ -45,6 +45,11 @@ NOT_SELECTED = "not_selected"  # the client was not selected for this round
 CLIENT_MISMATCH = "client_mismatch"  # the frame's client_id differs from its topic's
 DUPLICATE = "duplicate"  # already accepted this round: an ack status, not a rejection
 
+# -- signatures (issue 11): boards trust only what the coordinator signed -------------------------
+UNSIGNED = "unsigned"  # not a signed envelope, or an unknown envelope version
+UNKNOWN_KEY = "unknown_key"  # signed by a key this board does not trust
+BAD_SIGNATURE = "bad_signature"  # tampered or forged
+
 # -- simulator metrics: a virtual client that sent nothing ---------------------------------------
 DIVERGED = "diverged"  # local training produced NaN/Inf
 NO_UPDATE = "no_update"  # no update, for no more specific reason
@@ -75,6 +80,9 @@ REASONS: tuple[str, ...] = (
     NOT_SELECTED,
     CLIENT_MISMATCH,
     DUPLICATE,
+    UNSIGNED,
+    UNKNOWN_KEY,
+    BAD_SIGNATURE,
     DIVERGED,
     NO_UPDATE,
 )

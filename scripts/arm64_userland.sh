@@ -6,7 +6,7 @@
 #
 # It is not a full Debian system (a debootstrap under emulation takes ~15 minutes): Debian bookworm's arm64
 # python3.11 and the libraries it and the wheels link against, unpacked with `dpkg -x`, plus the aarch64
-# wheels of numpy, ai-edge-litert and paho-mqtt in /opt/litefed/site, an ARM (Cortex-A72, Raspberry Pi 4)
+# wheels of numpy, ai-edge-litert, paho-mqtt and cryptography in /opt/litefed/site, an ARM (Cortex-A72, Raspberry Pi 4)
 # /proc/cpuinfo for scripts/arm64_run.sh to mount, and a copy of qemu-aarch64-static to chroot into.
 #
 # Lives in ${LITEFED_ARM64_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/litefed/arm64-bookworm}, outside the repo.
@@ -29,9 +29,10 @@ DEBS=(
     python3.11-minimal libpython3.11-minimal libpython3.11-stdlib python3.11
 )
 # Only the board's dependencies (pyproject's `edge` extra, without tomli: Python 3.11 has tomllib).
-WHEELS=("numpy>=1.26" "ai-edge-litert>=1.2" "paho-mqtt>=2.0,<3")
-# pip needs the manylinux tag spelled out: ai-edge-litert 2.x ships manylinux_2_27 wheels only.
-PLATFORMS=(--platform manylinux_2_27_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64)
+WHEELS=("numpy>=1.26" "ai-edge-litert>=1.2" "paho-mqtt>=2.0,<3" "cryptography>=42")
+# pip needs the manylinux tags spelled out: ai-edge-litert 2.x ships manylinux_2_27 wheels only, cryptography
+# manylinux_2_28 (Debian bookworm's glibc is 2.36).
+PLATFORMS=(--platform manylinux_2_28_aarch64 --platform manylinux_2_27_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64)
 SITE=/opt/litefed/site
 STAMP_TEXT="v1 ${DEBS[*]} | ${WHEELS[*]}"
 
@@ -103,9 +104,9 @@ rm -rf "$ROOT"
 mv "$NEW" "$ROOT"
 refresh_files
 
-say "smoke test: import numpy and ai_edge_litert on aarch64"
+say "smoke test: import numpy, ai_edge_litert and cryptography on aarch64"
 bash "$SCRIPTS/arm64_run.sh" "$ROOT" "$ROOT/tmp" -c \
-    "import platform, numpy, ai_edge_litert.interpreter; assert platform.machine() == 'aarch64', platform.machine()" \
+    "import platform, numpy, ai_edge_litert.interpreter, cryptography.hazmat.primitives.asymmetric.ed25519; assert platform.machine() == 'aarch64', platform.machine()" \
     || die "the arm64 userland at $ROOT does not run; see the error above"
 echo "$STAMP_TEXT" >"$ROOT/.litefed-userland"
 say "ready: $ROOT"

@@ -54,6 +54,7 @@ def main(work: Path, machine: str) -> None:
         "after": [after.loss, after.accuracy],
         "train_local": {"loss": local.metrics["loss"], "num_examples": local.num_examples, "epochs": local.epochs},
         "plain_runner_loss": _plain_signature_runner(work / "model.tflite", x[:b], y[:b]),
+        "signing": _signing_check(),
         "legacy": {},
     }
     for path in sorted(work.glob("legacy*.tflite")):
@@ -73,6 +74,23 @@ def _plain_signature_runner(model_path: Path, x: np.ndarray, y: np.ndarray) -> f
     one = np.ones(len(x), np.float32)
     out = train(x=x, y=y, sample_weight=one, lr=np.array([LR], np.float32), mu=np.zeros(1, np.float32))
     return float(out["loss"])
+
+
+def _signing_check() -> dict:
+    """Seal and open an envelope with ``cryptography``'s Ed25519, as a board verifies the coordinator."""
+    from edge_client.errors import ProtocolError
+    from edge_client.signing import SigningKey
+
+    key, body = SigningKey.generate(), bytes(range(256)) * 64
+    envelope = key.seal("global", body)
+    tampered = bytearray(envelope)
+    tampered[-1] ^= 1
+    try:
+        key.trust_key.open("global", bytes(tampered))
+        refused = ""
+    except ProtocolError as exc:
+        refused = exc.reason
+    return {"opens": key.trust_key.open("global", envelope) == body, "tampered": refused}
 
 
 def _importable(name: str) -> bool:

@@ -159,6 +159,8 @@ def test_edge_runtime_trains_on_aarch64_as_on_the_host(arm64_result, workdir, ru
     np.testing.assert_allclose(arm["before"] + arm["after"], host["before"] + host["after"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(arm["train_local"]["loss"], host["train_local"]["loss"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(arm["plain_runner_loss"], host["plain_runner_loss"], rtol=1e-4, atol=1e-5)
+    # Signature checks (the cryptography wheel's Ed25519) work on aarch64 as on the host.
+    assert arm["signing"] == host["signing"] == {"opens": True, "tampered": "bad_signature"}
     with np.load(workdir / "weights-aarch64.npz") as a, np.load(workdir / f"weights-{platform.machine()}.npz") as h:
         assert sorted(a.files) == sorted(h.files) and "optimizer/iterations" in a.files
         assert a["optimizer/iterations"].tolist() == [8.0]
