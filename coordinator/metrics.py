@@ -43,6 +43,10 @@ class RoundMetrics:
     evaluate_seconds: float = 0.0
     dp_epsilon: float | None = None  # privacy spent so far (for the strategy's delta), with --dp-noise
     aggregation_error: str | None = None  # why the aggregate was refused (the global model then stayed as it was)
+    # Hostile input the MQTT coordinator survived: selected clients left out of an announcement that would not
+    # fit the broker's payload limit, and presence messages ignored (by why: bad_json, not_listed, ...).
+    clients_unannounced: int = 0
+    presence_ignored: dict[str, int] = field(default_factory=dict)
     _weighted: dict[str, float] = field(default_factory=dict, repr=False)  # sum of n * client metric
 
     def reject(self, reason: str) -> None:
@@ -51,6 +55,10 @@ class RoundMetrics:
         self.rejected_reasons[reason] = self.rejected_reasons.get(reason, 0) + 1
         if reason == STALE_ROUND:
             self.late_updates += 1
+
+    def ignore_presence(self, why: str) -> None:
+        """Count one presence message the coordinator ignored, and why."""
+        self.presence_ignored[why] = self.presence_ignored.get(why, 0) + 1
 
     def record_update(self, num_examples: int, client_metrics: Mapping[str, float]) -> None:
         """Count one accepted update and its train metrics (averaged weighted by examples)."""

@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from coordinator.checkpoint import ServerState, load_checkpoint, save_checkpoint
 from coordinator.errors import AggregationError, CoordinatorError
@@ -41,21 +44,30 @@ from coordinator.strategies.aggregate import finish_or_keep
 from edge_client.errors import ProtocolError, WeightsError
 from edge_client.frames import Frame, decode_frame, encode_frame, validate_frame
 from edge_client.messages import Ack, is_run_id
-from edge_client.reasons import DUPLICATE, NOT_SELECTED, STALE_ROUND
+from edge_client.reasons import DUPLICATE, NORM_TOO_LARGE, NOT_SELECTED, STALE_ROUND, TOO_MANY_EXAMPLES, WRONG_CODEC
 from edge_client.weights import TensorSpec
 
 log = logging.getLogger(__name__)
 
+# Far above any board's data set, far below what could overflow a weighted sum: a 10**20 claim never weighs in.
+DEFAULT_MAX_EXAMPLES = 10**7
+
 
 @dataclass
 class OpenRound:
-    """The round in progress: its number, aggregation and metrics, and whose updates it took."""
+    """The round in progress: its number, aggregation and metrics, and whose updates it took.
+
+    ``codecs`` are the codecs its announcements asked for (the MQTT
+    coordinator adds each one it announces); when there are any, an update
+    in another codec is refused (``wrong_codec``).
+    """
 
     number: int
     aggregation: Aggregation
     metrics: RoundMetrics
     started: float  # time.perf_counter() when it opened: round_seconds counts from here
     accepted: set[str] = field(default_factory=set)
+    codecs: set[str] = field(default_factory=set)
 
 
 class RoundEngine:
@@ -65,7 +77,10 @@ class RoundEngine:
     ``checkpoint_dir`` every finished round is checkpointed there and
     :meth:`restore` resumes from it; with a ``metrics_path`` every round
     appends its metrics line there. ``on_round`` is called with each
-    finished round's metrics, and may be set at any time.
+    finished round's metrics, and may be set at any time. An update claiming
+    more than ``max_examples`` examples is refused (``too_many_examples``), and
+    one whose L2 norm exceeds ``max_update_norm`` (None: no bound) too
+    (``norm_too_large``).
     """
 
     def __init__(
@@ -78,8 +93,11 @@ class RoundEngine:
         checkpoint_dir: Path | None = None,
         metrics_path: Path | None = None,
         on_round: Callable[[RoundMetrics], None] | None = None,
+        max_examples: int = DEFAULT_MAX_EXAMPLES,
+        max_update_norm: float | None = None,
     ):
         self.strategy, self.specs, self.model_sha256 = strategy, tuple(specs), model_sha256
+        self.max_examples, self.max_update_norm = max_examples, max_update_norm
         self.checkpoint_dir, self.metrics_path, self.on_round = checkpoint_dir, metrics_path, on_round
         self.history: list[RoundMetrics] = []
         self.current: OpenRound | None = None
@@ -161,39 +179,73 @@ class RoundEngine:
         self.current = OpenRound(number, aggregation, RoundMetrics(round=number), started)
         return self.current
 
-    def accept(self, update: bytes | Frame, sender: str, selected: Container[str] | None = None) -> Ack:
+    def accept(
+        self,
+        update: bytes | Frame,
+        sender: str,
+        selected: Container[str] | None = None,
+        reported_examples: int | None = None,
+    ) -> Ack:
         """Take ``sender``'s update into the open round; the ack it is owed.
 
         ``update`` is an update frame's bytes or the decoded frame. The checks,
         in this order: a round is open; :func:`~edge_client.frames.validate_frame`
-        (kind, model, run, round, tensors); ``sender`` has no update accepted
-        this round yet (else the ack says ``duplicate`` and nothing is
-        counted); ``sender`` is among ``selected``, when given; the strategy's
-        aggregation takes it. Then it counts in the round's metrics. A refusal
-        goes through :meth:`refuse`.
+        (kind, model, run, round, tensors); the codec is one the round
+        announced (:attr:`OpenRound.codecs`); at most ``max_examples``
+        examples; ``sender`` has no update accepted this round yet (else the
+        ack says ``duplicate`` and nothing is counted); ``sender`` is among
+        ``selected``, when given; at most ``reported_examples`` examples (what
+        the sender said it trains on), when given; an L2 norm of at most
+        ``max_update_norm``; the strategy's aggregation takes it. Then it
+        counts in the round's metrics. A refusal goes through :meth:`refuse`.
         """
         frame: Frame | None = None  # for the refusal: None when the bytes do not decode
         try:
             frame = update if isinstance(update, Frame) else decode_frame(update)
-            return self._fold_in(frame, sender, selected)
+            return self._fold_in(frame, sender, selected, reported_examples)
         except (ProtocolError, AggregationError) as exc:
             return self.refuse(sender, exc, frame)
 
-    def _fold_in(self, frame: Frame, sender: str, selected: Container[str] | None) -> Ack:
+    def _fold_in(
+        self, frame: Frame, sender: str, selected: Container[str] | None, reported_examples: int | None
+    ) -> Ack:
         open_ = self.current
         if open_ is None:
             raise ProtocolError(STALE_ROUND, f"no round is open (last completed: {self.completed_round})")
         validate_frame(frame, self.specs, self.model_sha256, "update", current_round=open_.number, run=self.run_id)
+        if open_.codecs and frame.codec not in open_.codecs:
+            raise ProtocolError(
+                WRONG_CODEC, f"update in {frame.codec!r}, round {open_.number} asked for {sorted(open_.codecs)}"
+            )
+        if frame.num_examples > self.max_examples:
+            raise ProtocolError(
+                TOO_MANY_EXAMPLES, f"{frame.num_examples} examples is more than the limit of {self.max_examples}"
+            )
         if sender in open_.accepted:
             return Ack(open_.number, DUPLICATE, run=self.run_id)
         if selected is not None and sender not in selected:
             raise ProtocolError(NOT_SELECTED, f"{sender} was not selected for round {open_.number}")
+        if reported_examples is not None and frame.num_examples > reported_examples:
+            raise ProtocolError(
+                TOO_MANY_EXAMPLES,
+                f"{frame.num_examples} examples, but {sender}'s presence reported {reported_examples}",
+            )
+        self._check_norm(frame)
         open_.aggregation.add(
             ClientUpdate(sender, frame.tensors, frame.num_examples, dict(frame.metrics), validated=True)
         )
         open_.accepted.add(sender)
         open_.metrics.record_update(frame.num_examples, frame.metrics)
         return Ack(open_.number, "accepted", run=self.run_id)
+
+    def _check_norm(self, frame: Frame) -> None:
+        """``norm_too_large`` if the update's L2 norm (all tensors as one vector) exceeds ``max_update_norm``."""
+        if self.max_update_norm is None:
+            return
+        # In float64: the squares of large float32 values overflow float32 to inf.
+        norm = math.sqrt(sum(float(np.dot(a.ravel().astype(np.float64), a.ravel())) for _, a in frame.tensors))
+        if not norm <= self.max_update_norm:
+            raise ProtocolError(NORM_TOO_LARGE, f"update norm {norm:.4g} exceeds the limit of {self.max_update_norm:g}")
 
     def refuse(self, sender: str, error: ProtocolError | AggregationError, frame: Frame | None = None) -> Ack:
         """Log and count (in the open round, if any) a refused update of ``sender``; the ack that says so.

@@ -19,16 +19,25 @@ Every run has a random id (:attr:`Coordinator.run_id`) that travels in
 global frames, announcements and acks, and that updates must echo; a run
 resumed from its checkpoint keeps it (docs/protocol.md, "Runs").
 
+The broker may go away: publishes are retried until it is back, for up to
+``broker_outage_timeout`` (:class:`BrokerOutage`), an attempt of a round
+during which it was away does not count, and after every reconnection the
+retained state (model, global weights, announcement) is published again, as a
+broker restarted without persistence has lost it (docs/protocol.md, "Recovery").
+
 The service knows MQTT only through a :class:`~edge_client.transport.Transport`,
 so tests drive it over an in-memory broker exactly as it runs over Mosquitto.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,15 +46,16 @@ import numpy as np
 from coordinator.checkpoint import ServerState
 from coordinator.errors import CoordinatorError
 from coordinator.metrics import RoundMetrics
-from coordinator.rounds import OpenRound, RoundEngine
+from coordinator.rounds import DEFAULT_MAX_EXAMPLES, OpenRound, RoundEngine
 from coordinator.strategies import Strategy
+from edge_client.broker_url import Backoff
 from edge_client.chunks import DEFAULT_MAX_CHUNK, Reassembler, split
-from edge_client.errors import ProtocolError
+from edge_client.errors import BrokerDown, ProtocolError, PublishFailed
 from edge_client.frames import decode_frame
 from edge_client.manifest import Manifest, load_manifest, manifest_path_for
 from edge_client.messages import Ack, ModelMeta, Presence, RoundAnnouncement, new_run_id
 from edge_client.model_file import sha256_hex
-from edge_client.reasons import CLIENT_MISMATCH
+from edge_client.reasons import CLIENT_MISMATCH, TOO_LARGE
 from edge_client.runtime import TrainableModel
 from edge_client.topics import Topics
 from edge_client.transport import Message, Transport
@@ -70,10 +80,93 @@ class CoordinatorConfig:
     max_attempts: int = 3
     wait_for_clients: float | None = None
     poll_interval: float = 0.2
+    broker_outage_timeout: float = 600.0  # seconds the broker may stay away before the coordinator gives up
+    # Bounds on what clients send (docs/protocol.md, "Hostile input"): see Presences and RoundEngine.accept.
+    max_clients: int = 10_000
+    presence_rate: int = 12  # presence changes per client per minute
+    allowed_clients: frozenset[str] | None = None  # None: any client id
+    max_examples: int = DEFAULT_MAX_EXAMPLES
+    max_update_norm: float | None = None
+    max_update_bytes: int = 64 << 20  # one update frame; a client's incomplete ones: two of these
+    max_pending_bytes: int = 1 << 30  # all clients' incomplete updates
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.round_timeout <= 0 or self.max_attempts < 1:
             raise CoordinatorError("rounds and max_attempts must be >= 1 and round_timeout > 0")
+        if not self.broker_outage_timeout > 0:
+            raise CoordinatorError(f"broker_outage_timeout must be > 0 seconds, got {self.broker_outage_timeout}")
+        if self.max_clients < 1 or self.presence_rate < 1 or self.max_examples < 1:
+            raise CoordinatorError("max_clients, presence_rate and max_examples must be >= 1")
+        norm = self.max_update_norm
+        if norm is not None and not (math.isfinite(norm) and norm > 0):
+            raise CoordinatorError(f"max_update_norm must be a positive number or None, got {norm}")
+
+
+OUTAGE_LOG_INTERVAL = 60.0  # seconds between two "the broker is still away" lines
+OUTAGE_BACKOFF = Backoff(initial=0.25, maximum=5.0)  # between two tries (MqttTransport waits ack_timeout in each)
+
+
+class BrokerOutage:
+    """Carries the coordinator's publishes through broker outages, up to ``timeout`` seconds each.
+
+    A publish that fails because the broker is away (:class:`PublishFailed`)
+    is tried again, with backoff, until it goes through: logged once, then
+    once a minute. After ``timeout`` seconds of failures it raises
+    :class:`CoordinatorError` naming the broker; once :attr:`stop` is set it
+    gives up at once (the caller's loop stops too). :attr:`outages` counts the
+    outages ridden out and the transport's reconnections, so that a round can
+    tell whether the broker was away during an attempt.
+    """
+
+    def __init__(self, transport: Transport, timeout: float):
+        self.transport, self.timeout = transport, timeout
+        self.broker = str(getattr(transport, "url", "the broker"))
+        self.stop: threading.Event | None = None
+        self.outages = 0
+        self._reconnections = transport.reconnections
+
+    def reconnected(self) -> bool:
+        """True once for each reconnection of the transport since the last call: the retained state may be gone."""
+        seen, self._reconnections = self._reconnections, self.transport.reconnections
+        if seen == self._reconnections:
+            return False
+        self.outages += 1
+        return True
+
+    def send(self, what: str, action: Callable[[], None]) -> bool:
+        """Run ``action`` (``what`` names it), retrying while the broker is away; False if stopped first."""
+        started, logged, attempt = None, 0.0, 0
+        while True:
+            try:
+                action()
+            except (PublishFailed, BrokerDown) as exc:  # BrokerDown: connecting while it is away
+                now = time.monotonic()
+                if started is None:
+                    started = logged = now
+                    log.warning("%s failed: %s. Retrying while the broker at %s is away, for up to %.0f s "
+                                "(--broker-outage-timeout)", what, exc, self.broker, self.timeout)  # fmt: skip
+                elif now - logged >= OUTAGE_LOG_INTERVAL:
+                    logged = now
+                    log.warning("the broker at %s has been away for %.0f s; still retrying", self.broker, now - started)
+                if now - started >= self.timeout:
+                    raise CoordinatorError(
+                        f"the MQTT broker at {self.broker} has been unreachable for {now - started:.0f} s "
+                        f"(--broker-outage-timeout {self.timeout:g}); check that it runs and that this host reaches "
+                        "it, then start the coordinator again: it resumes from its checkpoint"
+                    ) from exc
+                if self.stop is not None and self.stop.is_set():
+                    log.warning("stopping while the broker at %s is away: %s was not done", self.broker, what)
+                    return False
+                delay, attempt = OUTAGE_BACKOFF.delay(attempt), attempt + 1
+                if self.stop is None:
+                    time.sleep(delay)
+                else:
+                    self.stop.wait(delay)
+                continue
+            if started is not None:
+                self.outages += 1
+                log.warning("the broker at %s is back after %.0f s", self.broker, time.monotonic() - started)
+            return True
 
 
 class Coordinator:
@@ -93,7 +186,8 @@ class Coordinator:
         self.manifest: Manifest = load_manifest(manifest_path_for(config.model_path))
         self.model_sha256 = sha256_hex(self.model)
         self.topics = Topics(config.federation, config.topic_prefix)
-        self.online: dict[str, int] = {}  # client id -> examples it reported
+        self.presences = Presences(config.max_clients, config.presence_rate, config.allowed_clients, clock)
+        self.online = self.presences.online  # client id -> examples it reported
         weights = TrainableModel(self.model, self.manifest).get_weights()
         # A new run; start() replaces it with the checkpoint's when resuming.
         initial = ServerState(0, weights, strategy.state_dict(), new_run_id())
@@ -105,13 +199,20 @@ class Coordinator:
             checkpoint_dir=config.checkpoint_dir,
             metrics_path=config.metrics_path,
             on_round=on_round,
+            max_examples=config.max_examples,
+            max_update_norm=config.max_update_norm,
         )
         self._rng = np.random.default_rng(config.seed)
-        self._reassembler = Reassembler()
+        self._reassembler = Reassembler(config.max_update_bytes, config.max_pending_bytes)
         self._selected: set[str] = set()  # asked for an update in the open round, by any attempt
+        self._reported: dict[str, int] = {}  # examples the clients selected this round reported when selected
         self._deadline = 0.0  # of the open round's latest attempt
         self._published_chunks: dict[str, int] = {}
         self._bytes_in = self._bytes_out = 0
+        self._outage = BrokerOutage(transport, config.broker_outage_timeout)
+        # What is retained, to publish again after a reconnection (the broker may have lost it).
+        self._announcement = b""
+        self._global_published = False
 
     # -- the run, as the engine has it ----------------------------------------------
     @property
@@ -141,28 +242,36 @@ class Coordinator:
         self.engine.on_round = callback
 
     # -- lifecycle ------------------------------------------------------------
-    def start(self) -> None:
-        """Connect, restore the last checkpoint (or start a new run) and publish the model."""
+    def start(self, stop: threading.Event | None = None) -> None:
+        """Connect, restore the last checkpoint (or start a new run) and publish the model.
+
+        A broker that cannot be reached yet is waited for as any outage is (up to
+        ``broker_outage_timeout``), or until ``stop`` is set.
+        """
         resumed = self.engine.restore() is not None
         if not resumed:
             # Checkpointed at once, so a restart during round 1 keeps the run id the boards joined.
             self.engine.save_checkpoint()
-        self.transport.connect()
+        if stop is not None:
+            self._outage.stop = stop
+        if not self._outage.send("connecting to the broker", self.transport.connect):
+            return
         # Clear the retained announcement first: until this run announces its own round, a board
         # must not find a round of another run (or a closed one of this run) there.
         self._publish(self.topics.round, b"", retain=True)
         self.transport.subscribe(self.topics.presences)
         self.transport.subscribe(self.topics.updates)
-        count = self._publish_chunked("model", self.topics.model_chunk, self.model)
-        meta = ModelMeta(self.model_sha256, len(self.model), count, self.manifest.to_json())
-        self._publish(self.topics.model_meta, meta.to_bytes(), retain=True)
+        count = self._publish_model()
         log.info("published model %s (%d bytes, %d chunks)", self.model_sha256[:12], len(self.model), count)
         log.info("%s run %s", "resuming" if resumed else "starting", self.run_id)
 
     def run(self, stop: threading.Event | None = None) -> list[RoundMetrics]:
         """Run the remaining rounds; return the metrics of the rounds run now."""
         stop = stop or threading.Event()
-        ran = []
+        self._outage.stop = stop
+        ran: list[RoundMetrics] = []
+        if stop.is_set():  # e.g. stopped while start() waited for the broker
+            return ran
         for number in range(self.completed_round + 1, self.config.rounds + 1):
             metrics = self.run_round(number, stop)
             if metrics is None:  # stopped
@@ -182,17 +291,26 @@ class Coordinator:
             raise CoordinatorError(f"round {number} cannot run after round {self.completed_round}; run rounds in order")
         bytes_in, bytes_out = self._bytes_in, self._bytes_out
         open_ = self.engine.open_round()
-        self._selected, self._deadline = set(), 0.0
+        self._selected, self._deadline, self._reported = set(), 0.0, {}
         self._publish_global()
-        for attempt in range(1, self.config.max_attempts + 1):
+        attempt = 0
+        while attempt < self.config.max_attempts:
+            attempt += 1
             open_.metrics.attempts = attempt
             if not self._wait_for_clients(open_, stop):
                 return None
+            outages = self._outage.outages
             self._announce(open_, attempt)
             if not self._collect(open_, stop):
                 return None
             if len(open_.accepted) >= self.strategy.min_fit:
                 break
+            if self._outage.outages != outages or not self.transport.connected:
+                # The boards may have missed the announcement, or their updates the coordinator: not their fault.
+                log.warning("round %d: the broker was away during attempt %d, which does not count; announcing "
+                            "the round again", number, attempt)  # fmt: skip
+                attempt -= 1
+                continue
             if attempt < self.config.max_attempts:
                 log.warning(
                     "round %d: %d accepted update(s) by the deadline, min_fit is %d; announcing the round again "
@@ -213,18 +331,18 @@ class Coordinator:
 
     def _announce(self, open_: OpenRound, attempt: int) -> None:
         self._drain()  # select from the freshest presence state
+        self.presences.settle()
         available = sorted(c for c in self._eligible() if c not in open_.accepted)
         chosen, round_config = self.strategy.configure_round(open_.number, available, self._rng)
         waiting = self._selected - open_.accepted  # selected by earlier attempts, no update yet
-        self._selected |= set(chosen)
         self._deadline = self._clock() + self.config.round_timeout
-        open_.metrics.clients_selected = len(self._selected)
         open_.metrics.client_lr = round_config.lr
+        open_.codecs.add(round_config.codec)
         # "selected" asks for an update: clients already accepted this round are not asked again,
         # while a restarted coordinator asks everyone (clients resend what it lost).
         announcement = RoundAnnouncement(
             open_.number,
-            tuple(sorted(self._selected - open_.accepted)),
+            tuple(sorted(waiting | set(chosen))),
             self._deadline,
             self.model_sha256,
             round_config.epochs,
@@ -233,6 +351,12 @@ class Coordinator:
             round_config.codec,
             self.run_id,
         )
+        asked = len(announcement.selected)
+        announcement = within_limit(announcement, min(self.transport.max_payload, self.config.max_chunk), self._rng)
+        open_.metrics.clients_unannounced += asked - len(announcement.selected)
+        self._selected |= set(announcement.selected)
+        self._reported |= {c: self.online[c] for c in announcement.selected if c in self.online}
+        open_.metrics.clients_selected = len(self._selected)
         self._publish(self.topics.round, announcement.to_bytes(), retain=True)
         if attempt == 1:
             log.info("round %d: selected %d of %d online clients", open_.number, len(chosen), len(self.online))
@@ -289,6 +413,7 @@ class Coordinator:
 
     def _poll(self, timeout: float) -> bool:
         """Handle at most one message; False if none came within ``timeout``."""
+        self._republish_after_reconnection()
         message = self.transport.receive(timeout=max(timeout, 0.0))
         if message is None:
             return False
@@ -303,18 +428,9 @@ class Coordinator:
         return True
 
     def _on_presence(self, client: str, message: Message) -> None:
-        if not message.payload:  # retained presence cleared
-            self.online.pop(client, None)
-            return
-        try:
-            presence = Presence.from_bytes(message.payload)
-        except ProtocolError as exc:
-            log.warning("presence from %s rejected: %s", client, exc)
-            return
-        if presence.status == "online":
-            self.online[client] = presence.num_examples
-        else:
-            self.online.pop(client, None)
+        why = self.presences.update(client, message.payload)
+        if why is not None and (open_ := self.engine.current) is not None:
+            open_.metrics.ignore_presence(why)
 
     def _eligible(self) -> set[str]:
         """Online clients that can train: a client without usable data would only stall a round."""
@@ -335,7 +451,9 @@ class Coordinator:
         except ProtocolError as exc:
             self._ack(client, self.engine.refuse(client, exc, frame))
             return
-        ack = self.engine.accept(frame, client, selected=self._selected)
+        # What it reports now if it is online, else what it reported when selected (its Last Will says nothing).
+        reported = self.online.get(client, self._reported.get(client))
+        ack = self.engine.accept(frame, client, selected=self._selected, reported_examples=reported)
         self._ack(client, ack)
         if ack.status == "accepted" and (open_ := self.engine.current) is not None:
             log.debug("round %d: update from %s accepted (%d/%d)", open_.number, client, len(open_.accepted),
@@ -346,12 +464,34 @@ class Coordinator:
         self._publish(self.topics.ack(client), ack.to_bytes())
 
     def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        self.transport.publish(topic, payload, retain=retain)
+        """Publish, riding out a broker outage (see :class:`BrokerOutage`)."""
+        what = f"publishing on {topic}"
+        if not self._outage.send(what, lambda: self.transport.publish(topic, payload, retain=retain)):
+            return
         self._bytes_out += len(payload)
+        if topic == self.topics.round:
+            self._announcement = payload
+
+    def _publish_model(self) -> int:
+        """Publish the model's chunks, then its meta (retained); the number of chunks."""
+        count = self._publish_chunked("model", self.topics.model_chunk, self.model)
+        meta = ModelMeta(self.model_sha256, len(self.model), count, self.manifest.to_json())
+        self._publish(self.topics.model_meta, meta.to_bytes(), retain=True)
+        return count
 
     def _publish_global(self) -> None:
         """Publish the global weights that start the next round (retained: late boards find them)."""
         self._publish_chunked("global", self.topics.global_chunk, self.engine.global_frame)
+        self._global_published = True
+
+    def _republish_after_reconnection(self) -> None:
+        """After a reconnection publish every retained topic again: a broker restarted without persistence lost them."""
+        while self._outage.reconnected():
+            log.warning("reconnected to the broker: publishing the model, the global weights and the round again")
+            self._publish_model()
+            if self._global_published:
+                self._publish_global()
+            self._publish(self.topics.round, self._announcement, retain=True)
 
     def _publish_chunked(self, family: str, topic_for: Callable[[int], str], payload: bytes) -> int:
         """Publish ``payload`` as retained chunks; clear retained chunks left from a longer payload."""
@@ -359,7 +499,144 @@ class Coordinator:
         stale = range(len(chunks), self._published_chunks.get(family, 0))
         messages = [Message(topic_for(i), chunk, retain=True) for i, chunk in enumerate(chunks)]
         messages += [Message(topic_for(i), b"", retain=True) for i in stale]
-        self.transport.publish_many(messages)
+        if not self._outage.send(f"publishing the {family}", lambda: self.transport.publish_many(messages)):
+            return len(chunks)
         self._bytes_out += sum(len(m.payload) for m in messages)
         self._published_chunks[family] = len(chunks)
         return len(chunks)
+
+
+def within_limit(announcement: RoundAnnouncement, limit: int, rng: np.random.Generator) -> RoundAnnouncement:
+    """``announcement``, or if it is over ``limit`` bytes, asking only the clients that fit (logged).
+
+    A deterministic subset: the clients in an order drawn from ``rng`` (only
+    when the selection does not fit, so that runs that fit draw as before),
+    then the longest prefix that fits. Clients asked in an earlier attempt
+    have no precedence: silent ones would take every slot.
+    """
+    if len(announcement.to_bytes()) <= limit:
+        return announcement
+    # Announcing the whole selection in several messages is issue 13's; until then the round asks fewer.
+    fitted = fit_announcement(announcement, [str(c) for c in rng.permutation(list(announcement.selected))], limit)
+    log.warning(
+        "round %d: %d clients selected, but an announcement naming them all would exceed the %d-byte payload "
+        "limit; asking %d of them, %d left out (a smaller --fraction-fit or shorter client ids avoid this)",
+        announcement.round,
+        len(announcement.selected),
+        limit,
+        len(fitted.selected),
+        len(announcement.selected) - len(fitted.selected),
+    )
+    return fitted
+
+
+def fit_announcement(announcement: RoundAnnouncement, order: Sequence[str], limit: int) -> RoundAnnouncement:
+    """``announcement`` asking the longest prefix of ``order`` (sorted) whose encoding is at most ``limit`` bytes."""
+    budget = limit - len(dataclasses.replace(announcement, selected=()).to_bytes())
+    count = 0
+    for client in order:  # a client id needs no JSON escapes: its quotes and a comma (none before the first)
+        budget -= len(client) + 2 + (count > 0)
+        if budget < 0:
+            break
+        count += 1
+    fitted = dataclasses.replace(announcement, selected=tuple(sorted(order[:count])))
+    while count and len(fitted.to_bytes()) > limit:  # never in practice: the arithmetic above is exact
+        count -= 1
+        fitted = dataclasses.replace(announcement, selected=tuple(sorted(order[:count])))
+    return fitted
+
+
+# Why a presence message was ignored (RoundMetrics.presence_ignored); a malformed one counts under its reason.
+NOT_LISTED = "not_listed"
+OVER_MAX_CLIENTS = "over_max_clients"
+RATE_LIMITED = "rate_limited"
+MAX_PRESENCE_BYTES = 4096  # a board's presence is under 100 bytes
+PRESENCE_WINDOW = 60.0  # seconds: the rate limit's window, and the least time between two warnings of one kind
+_WHAT_TO_DO = {
+    NOT_LISTED: "it is not in --clients-file; add it there to let it join",
+    OVER_MAX_CLIENTS: "{max_clients} clients are online already; raise --max-clients for a larger fleet",
+    RATE_LIMITED: "it changed more than {rate} times in a minute; ignored for the rest of the minute (--presence-rate)",
+}
+
+
+class Presences:
+    """Who is online, with the examples each reported, from presence messages within bounds.
+
+    No presence can stop the coordinator or grow it without bound. A
+    malformed one (at most :data:`MAX_PRESENCE_BYTES`) is ignored and counted
+    under its reason; with ``allowed`` ids, any other id is ignored
+    (``not_listed``); at most ``max_clients`` clients are online, a new one
+    beyond that is ignored (``over_max_clients``); and a client whose presence
+    changes more than ``rate`` times within a minute is ignored for the rest
+    of that minute (``rate_limited``), after which its latest state applies.
+    Ignored messages are logged once a minute per kind, with how many there
+    were, never once per message.
+    """
+
+    def __init__(self, max_clients: int, rate: int, allowed: frozenset[str] | None, clock: Callable[[], float]):
+        self.max_clients, self.rate, self.allowed = max_clients, rate, allowed
+        self.online: dict[str, int] = {}  # client id -> examples it reported
+        self._clock = clock
+        # client -> [window start, presence changes in it]; ordered by window start (a new window is re-inserted)
+        self._windows: dict[str, list[float]] = {}
+        self._deferred: dict[str, Presence] = {}  # the latest state of a rate-limited client
+        self._unreported: Counter[str] = Counter()  # ignored since the last warning of their kind
+        self._warned: dict[str, float] = {}
+
+    def update(self, client: str, payload: bytes) -> str | None:
+        """Take one presence message of ``client`` (empty: retained presence cleared); why it was ignored, or None."""
+        why, detail = self._take(client, payload)
+        if why is not None:
+            self._warn(why, client, detail)
+        return why
+
+    def settle(self) -> None:
+        """Apply the latest state of the clients whose rate-limit window has ended."""
+        now = self._clock()
+        while self._windows:
+            client, (start, _) = next(iter(self._windows.items()))
+            if now - start < PRESENCE_WINDOW:
+                return
+            del self._windows[client]
+            if (presence := self._deferred.pop(client, None)) is not None:
+                self._apply(client, presence)
+
+    def _take(self, client: str, payload: bytes) -> tuple[str | None, str]:
+        if self.allowed is not None and client not in self.allowed:
+            return NOT_LISTED, ""
+        if len(payload) > MAX_PRESENCE_BYTES:
+            return TOO_LARGE, f"{len(payload)} bytes, more than {MAX_PRESENCE_BYTES}"
+        try:
+            presence = Presence.from_bytes(payload) if payload else Presence("offline")
+        except ProtocolError as exc:
+            return exc.reason, str(exc)
+        self.settle()
+        if client not in self._windows and len(self._windows) >= 2 * self.max_clients:
+            return OVER_MAX_CLIENTS, ""  # that many clients changed presence within a minute: not tracking more
+        window = self._windows.setdefault(client, [self._clock(), 0])
+        window[1] += 1
+        if window[1] > self.rate:
+            self._deferred[client] = presence
+            return RATE_LIMITED, ""
+        return self._apply(client, presence), ""
+
+    def _apply(self, client: str, presence: Presence) -> str | None:
+        if presence.status != "online":
+            self.online.pop(client, None)
+        elif client in self.online or len(self.online) < self.max_clients:
+            self.online[client] = presence.num_examples
+        else:
+            return OVER_MAX_CLIENTS
+        return None
+
+    def _warn(self, why: str, client: str, detail: str) -> None:
+        self._unreported[why] += 1
+        now = self._clock()
+        if now - self._warned.get(why, -math.inf) < PRESENCE_WINDOW:
+            return
+        count, self._warned[why] = self._unreported.pop(why), now
+        hint = _WHAT_TO_DO.get(why, "malformed: {detail}").format(
+            max_clients=self.max_clients, rate=self.rate, detail=detail
+        )
+        more = f" (and {count - 1} more ignored since the last such warning)" if count > 1 else ""
+        log.warning("presence of %s ignored (%s): %s%s", client, why, hint, more)

@@ -39,6 +39,8 @@ _HEADER = struct.Struct("<4sB16sIIQI")
 HEADER_SIZE = _HEADER.size
 # Well below AWS IoT Core's 128 KB message limit, with room for topic and MQTT headers.
 DEFAULT_MAX_CHUNK = 96 * 1024
+# What holding one chunk costs besides its data (a bytes object, a dict slot): the least a chunk counts for.
+_MIN_CHUNK_COST = 128
 
 
 def transfer_id_for(payload: bytes) -> bytes:
@@ -97,15 +99,32 @@ class _Transfer:
     total: int
     started: float
     parts: dict[int, bytes] = field(default_factory=dict)
-    received: int = 0
+    received: int = 0  # payload bytes held
+    held: int = 0  # what the bounds count: each chunk's data, at least _MIN_CHUNK_COST
+
+
+@dataclass
+class _Source:
+    """What one source (a client's topic) holds: the share of the bounds it uses."""
+
+    held: int = 0
+    transfers: int = 0
 
 
 class Reassembler:
     """Collects chunks per ``(source, transfer)`` and returns each completed payload.
 
-    Memory is bounded: one payload may not exceed ``max_payload`` bytes, all
-    incomplete transfers together not ``max_pending`` bytes, and an incomplete
-    transfer is forgotten ``ttl`` seconds after its first chunk.
+    Memory is bounded, counting each held chunk as its data but at least 128
+    bytes (what holding one costs), so a flood of tiny chunks is bounded too:
+    one payload may not exceed ``max_payload`` bytes, all incomplete transfers
+    together not ``max_pending`` bytes nor ``max_transfers`` transfers, and
+    those of one source (a client's topic) not ``max_pending_per_source``
+    bytes (default: two payloads, an old incomplete transfer and a new one)
+    nor ``max_transfers_per_source`` transfers. A source over its share is
+    refused (``too_busy``) while the others keep theirs: one flooding client
+    cannot make another's update ``too_busy``, and nothing is ever evicted to
+    make room. An incomplete transfer is forgotten ``ttl`` seconds after its
+    first chunk.
     """
 
     def __init__(
@@ -114,20 +133,37 @@ class Reassembler:
         max_pending: int = 1 << 30,
         ttl: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        max_pending_per_source: int | None = None,
+        max_transfers: int = 65_536,
+        max_transfers_per_source: int = 64,
     ):
         self.max_payload, self.max_pending, self.ttl = max_payload, max_pending, ttl
+        self.max_pending_per_source = (
+            2 * max(max_payload, _MIN_CHUNK_COST) if max_pending_per_source is None else max_pending_per_source
+        )
+        self.max_transfers, self.max_transfers_per_source = max_transfers, max_transfers_per_source
         self._clock = clock
+        # Insertion order is start order (a key is never re-inserted while held), so expiry pops from the front.
         self._transfers: dict[tuple[str, bytes], _Transfer] = {}
+        self._sources: dict[str, _Source] = {}
         self._pending = 0
+        self._held = 0
         self.expired = 0
 
     @property
     def pending_bytes(self) -> int:
+        """Payload bytes of the incomplete transfers."""
         return self._pending
 
     @property
     def pending_transfers(self) -> int:
         return len(self._transfers)
+
+    def pending_of(self, source: str) -> int:
+        """Bytes ``source`` holds against the bounds."""
+        use = self._sources.get(source)
+        return 0 if use is None else use.held
 
     def add(self, message: bytes, source: str = "") -> bytes | None:
         """Add one chunk from ``source`` (e.g. the topic); the payload once complete, else None."""
@@ -136,7 +172,9 @@ class Reassembler:
             raise ProtocolError(TOO_LARGE, f"payload of {chunk.total} bytes exceeds the limit of {self.max_payload}")
         self._expire()
         key = (source, chunk.transfer_id)
-        transfer = self._transfers.get(key) or _Transfer(chunk.count, chunk.total, self._clock())
+        transfer = self._transfers.get(key)
+        if transfer is None:
+            transfer = _Transfer(chunk.count, chunk.total, self._clock())
         if (transfer.count, transfer.total) != (chunk.count, chunk.total):
             raise ProtocolError(BAD_CHUNK, "chunk disagrees with earlier chunks of its transfer on count or size")
         previous = transfer.parts.get(chunk.index)
@@ -144,27 +182,61 @@ class Reassembler:
             if previous != chunk.data:
                 raise ProtocolError(BAD_CHUNK, f"chunk {chunk.index} arrived twice with different data")
             return None  # a QoS 1 duplicate
-        if self._pending + len(chunk.data) > self.max_pending:
-            raise ProtocolError(TOO_BUSY, f"more than {self.max_pending} bytes of incomplete transfers are pending")
+        if transfer.received + len(chunk.data) > transfer.total or (not chunk.data and chunk.index < chunk.count - 1):
+            raise ProtocolError(
+                BAD_CHUNK, f"chunk {chunk.index}/{chunk.count} does not fit its {chunk.total}-byte payload"
+            )
+        cost = max(len(chunk.data), _MIN_CHUNK_COST)
+        self._reserve(source, key not in self._transfers, cost)
         self._transfers[key] = transfer
         transfer.parts[chunk.index] = chunk.data
         transfer.received += len(chunk.data)
+        transfer.held += cost
         self._pending += len(chunk.data)
         if len(transfer.parts) < transfer.count:
             return None
-        del self._transfers[key]
-        self._pending -= transfer.received
+        self._forget(key)
         payload = b"".join(transfer.parts[i] for i in range(transfer.count))
         if len(payload) != transfer.total:
             raise ProtocolError(BAD_CHUNK, f"reassembled {len(payload)} bytes, header promised {transfer.total}")
         return payload
 
+    def _reserve(self, source: str, new_transfer: bool, size: int) -> None:
+        """Count ``size`` more bytes (and a new transfer) for ``source``, or ``too_busy`` if a bound would break."""
+        use = self._sources.get(source) or _Source()
+        if use.held + size > self.max_pending_per_source or (
+            new_transfer and use.transfers >= self.max_transfers_per_source
+        ):
+            raise ProtocolError(
+                TOO_BUSY,
+                f"{source or 'this source'} already has {use.held} bytes in {use.transfers} incomplete transfers "
+                f"(at most {self.max_pending_per_source} bytes, {self.max_transfers_per_source} transfers per source)",
+            )
+        if self._held + size > self.max_pending or (new_transfer and len(self._transfers) >= self.max_transfers):
+            raise ProtocolError(TOO_BUSY, f"more than {self.max_pending} bytes of incomplete transfers are pending")
+        use.held += size
+        use.transfers += new_transfer
+        self._held += size
+        self._sources[source] = use
+
+    def _forget(self, key: tuple[str, bytes]) -> _Transfer:
+        transfer = self._transfers.pop(key)
+        self._pending -= transfer.received
+        self._held -= transfer.held
+        use = self._sources[key[0]]
+        use.held -= transfer.held
+        use.transfers -= 1
+        if not use.transfers:
+            del self._sources[key[0]]
+        return transfer
+
     def _expire(self) -> None:
         now = self._clock()
-        stale = [key for key, t in self._transfers.items() if now - t.started > self.ttl]
-        for key in stale:
-            transfer = self._transfers.pop(key)
-            self._pending -= transfer.received
+        while self._transfers:
+            key, oldest = next(iter(self._transfers.items()))
+            if now - oldest.started <= self.ttl:
+                return
+            transfer = self._forget(key)
             self.expired += 1
             log.warning(
                 "dropped incomplete transfer from %r: %d of %d chunks after %.0f s",

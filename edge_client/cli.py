@@ -24,7 +24,7 @@ from edge_client.cli_support import (
 )
 from edge_client.config import DATA_KINDS, ClientConfig, load_config, parse_data_spec
 from edge_client.errors import BrokerUrlError, ConfigError, DataError, EdgeClientError, StateError
-from edge_client.transport import Message, Transport
+from edge_client.transport import BOARD_QUEUE_BYTES, Message, Transport
 
 if TYPE_CHECKING:
     from edge_client.client import EdgeClient
@@ -40,9 +40,10 @@ this device, and send the weight update. State (model, global weights,
 progress) is kept in --state-dir, so a board that loses power resumes where
 it stopped.
 
-Settings come from a TOML file (--config); flags override it. Ctrl-C or
-SIGTERM stops gracefully (offline presence, clean disconnect); a second one
-exits at once.
+Settings come from a TOML file (--config); flags override it. A broker that
+cannot be reached is retried (with backoff) until it answers, at start as
+after a lost connection. Ctrl-C or SIGTERM stops gracefully (offline presence,
+clean disconnect); a second one exits at once.
 """
 
 EPILOG = f"""\
@@ -109,7 +110,8 @@ def make_transport(config: ClientConfig, will: Message) -> Transport:
     """The MQTT transport for ``config``: the one place that knows MqttTransport's constructor."""
     from edge_client.mqtt import MqttTransport  # paho is imported only here
 
-    return MqttTransport(config.broker(), config.client_id, will=will)
+    # A board's receive queue is bounded lower than the coordinator's: it holds retained state, not updates.
+    return MqttTransport(config.broker(), config.client_id, will=will, queue_bytes=BOARD_QUEUE_BYTES)
 
 
 @command
@@ -142,7 +144,7 @@ def _run(config: ClientConfig, signals: StopSignals, transport_factory: Callable
         )
         try:
             client = EdgeClient(config, transport_factory(config, last_will(config)))
-            client.start()
+            client.start(signals.stop)  # a broker that is down is retried until it answers (or a stop)
         except (BrokerUrlError, DataError, StateError, ConfigError) as exc:
             log.error("%s", exc)
             return EXIT_USAGE

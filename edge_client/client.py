@@ -3,10 +3,13 @@
 One :class:`EdgeClient` follows the protocol of docs/protocol.md:
 
 1. :meth:`~EdgeClient.start` restores the state directory (model, global
-   weights, progress), connects, subscribes to ``model/meta``,
-   ``model/chunk/+``, ``global/chunk/+``, ``round`` and ``ack/<id>``, and
-   publishes its retained ``online`` presence. The transport must have been
-   created with :func:`last_will` as its Last Will.
+   weights, progress), connects (retrying while the broker is down, when
+   given a stop event), subscribes to ``model/meta``, ``model/chunk/+``,
+   ``global/chunk/+``, ``round`` and ``ack/<id>``, and has its retained
+   ``online`` presence published on every connection (the transport's birth
+   message, kept current: ``num_examples`` changes when the data is fitted
+   to a model). The transport must have been created with :func:`last_will`
+   as its Last Will.
 2. Model chunks are reassembled, checked against the retained ``ModelMeta``
    (SHA-256), stored and loaded into LiteRT; the local data is then fitted to
    the model's manifest. Global-weight chunks are reassembled, validated
@@ -25,7 +28,9 @@ One :class:`EdgeClient` follows the protocol of docs/protocol.md:
 4. Without an ack it resends the same bytes every ``ack_timeout`` seconds, at
    most ``max_resends`` times and never after the deadline; ``accepted`` or
    ``duplicate`` end the round, ``rejected`` is logged and ends it too. A newer
-   round abandons the old update.
+   round abandons the old update. An acknowledged update stays in the state
+   directory until a later round (or another run) shows that its round has
+   closed: a coordinator restarted meanwhile asks for it again.
 
 Everything from the wire is untrusted: a malformed message is logged with its
 :class:`ProtocolError` reason, counted in :attr:`EdgeClient.rejected` and
@@ -58,9 +63,10 @@ from typing import Any
 import numpy as np
 
 from edge_client import __version__
+from edge_client.broker_url import Backoff
 from edge_client.config import ClientConfig
 from edge_client.data import load_csv, load_image_folder, load_npz, prepare_for_model
-from edge_client.errors import DataError, EdgeClientError, ProtocolError, TransportError
+from edge_client.errors import BrokerDown, DataError, EdgeClientError, ProtocolError, TransportError
 from edge_client.frames import Frame
 from edge_client.manifest import Manifest
 from edge_client.messages import Ack, Presence, RoundAnnouncement
@@ -73,6 +79,7 @@ from edge_client.transport import Message, Transport
 log = logging.getLogger(__name__)
 
 RECEIVE_POLL = 0.5  # seconds run() waits for a message before checking its stop event again
+RETRY_LOG_INTERVAL = 60.0  # seconds between two "still cannot reach the broker" lines at start
 
 Dataset = tuple[np.ndarray, np.ndarray]
 
@@ -89,7 +96,8 @@ class EdgeClient:
     ``dataset`` is ``(x, y)`` as loaded (it is fitted to each model's
     manifest with :func:`edge_client.data.prepare_for_model`); when None the
     data comes from ``config.data``. ``clock`` returns Unix time (deadlines are
-    Unix time); tests pass a fake one.
+    Unix time); tests pass a fake one. ``backoff`` paces the connection
+    attempts of a :meth:`start` that waits for the broker.
 
     Attributes worth reading: :attr:`rejected` (malformed messages by reason),
     :attr:`rounds_completed`, :attr:`updates_sent`, :attr:`model_sha256`,
@@ -102,8 +110,11 @@ class EdgeClient:
         transport: Transport,
         dataset: Dataset | None = None,
         clock: Callable[[], float] = time.time,
+        *,
+        backoff: Backoff | None = None,
     ):
         self.config = config
+        self.backoff = backoff or Backoff()
         self.transport = transport
         self.clock = clock
         self.client_id = config.client_id
@@ -119,31 +130,33 @@ class EdgeClient:
         self._dataset_given = dataset is not None
         self._data: Dataset | None = None  # fitted to the current manifest
         self._stop: threading.Event | None = None
+        self._restored = False
         self._started = False
         self._closed = False
-        self._online = False  # "online" presence published on the current connection
-        self._presence_examples = -1  # num_examples in the last "online" presence
+        self._online = False  # connected, as last seen by the loop (for its log lines)
+        self._presence_examples = -1  # num_examples in the "online" presence (the transport's birth)
 
     # -- lifecycle -------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, stop: threading.Event | None = None) -> None:
         """Restore the state directory, connect, subscribe and announce presence.
 
+        With ``stop``, a broker that cannot be reached yet (:class:`BrokerDown`)
+        is retried with :attr:`backoff`, logging, until it answers or ``stop``
+        is set (then the client is not started); boards run unattended and
+        may boot before their broker. Without it one attempt is made.
         Raises :class:`DataError` if the configured data cannot be read, and
-        whatever the transport raises when the broker is unreachable.
+        whatever else the transport raises (bad credentials, say).
         """
         if self._started:
             return
         if self._closed:
             raise RuntimeError("this EdgeClient is closed; create a new one")
-        self.sync.restore()
-        if self.manifest is not None:
-            self.rounds.restore(self.manifest)
-        if not self._dataset_given:
-            self._raw_data = _read_data(self.config)
-        if self.manifest is not None:
-            self._prepare_data()
-        self._fit_chunks_to_transport()
-        self.transport.connect()
+        if not self._restored:
+            self._restore()
+        self.transport.birth = self._presence("online")
+        self._presence_examples = self.num_examples
+        if not self._connect(stop):
+            return
         for pattern in (
             self.topics.model_meta,
             self.topics.model_chunks,
@@ -152,7 +165,6 @@ class EdgeClient:
             self.topics.ack(self.client_id),
         ):
             self.transport.subscribe(pattern)
-        self._publish_presence()
         self._online = True
         self._started = True
         log.info(
@@ -164,16 +176,29 @@ class EdgeClient:
             self.num_examples,
         )
 
+    def _restore(self) -> None:
+        """Read the state directory and the data: once, even if the first start() is stopped before connecting."""
+        self.sync.restore()
+        if self.manifest is not None:
+            self.rounds.restore(self.manifest)
+        if not self._dataset_given:
+            self._raw_data = _read_data(self.config)
+        if self.manifest is not None:
+            self._prepare_data()
+        self._fit_chunks_to_transport()
+        self._restored = True
+
     def run(self, stop: threading.Event, max_rounds: int | None = None) -> int:
         """Process messages until ``stop`` is set (or ``max_rounds`` rounds are settled).
 
-        Starts the client if needed; does not close it. Returns the number of
-        rounds this client trained whose outcome is known.
+        Starts the client if needed (waiting for the broker until ``stop``);
+        does not close it. Returns the number of rounds this client trained
+        whose outcome is known.
         """
         self._stop = stop
         if not self._started:
-            self.start()
-        while not stop.is_set():
+            self.start(stop)
+        while self._started and not stop.is_set():
             if max_rounds is not None and self.rounds_completed >= max_rounds:
                 break
             self.step(RECEIVE_POLL)
@@ -184,10 +209,11 @@ class EdgeClient:
         if self._closed:
             return
         self._closed = True
+        self.transport.birth = None  # a reconnection racing this close must not say "online" again
         if self._started and self.transport.connected:
             try:
-                payload = Presence("offline", self.num_examples, __version__).to_bytes()
-                self.transport.publish(self.topics.presence(self.client_id), payload, retain=True)
+                offline = self._presence("offline")
+                self.transport.publish(offline.topic, offline.payload, retain=True)
             except Exception as exc:  # the broker will publish the Last Will instead
                 log.warning("could not publish offline presence: %s", exc)
         try:
@@ -337,21 +363,42 @@ class EdgeClient:
             )
             self.rounds.uploads.chunk_size = max_payload
 
+    def _presence(self, status: str) -> Message:
+        """This client's retained presence message, with its current ``num_examples``."""
+        payload = Presence(status, self.num_examples, __version__).to_bytes()
+        return Message(self.topics.presence(self.client_id), payload, retain=True)
+
     def _publish_presence(self) -> None:
-        count = self.num_examples
-        payload = Presence("online", count, __version__).to_bytes()
-        self.transport.publish(self.topics.presence(self.client_id), payload, retain=True)
-        self._presence_examples = count
+        """Say ``online`` with the current ``num_examples``, now and on every later connection."""
+        online = self._presence("online")
+        self._presence_examples = self.num_examples
+        self.transport.birth = online
+        self.transport.publish(online.topic, online.payload, retain=True)
+
+    def _connect(self, stop: threading.Event | None) -> bool:
+        """Connect; with ``stop``, retry a broker that is down until it answers. False if stopped first."""
+        if stop is None:
+            self.transport.connect()
+            return True
+        attempt, logged_at = 0, -RETRY_LOG_INTERVAL
+        while not stop.is_set():
+            try:
+                self.transport.connect()
+                return True
+            except BrokerDown as exc:
+                delay = self.backoff.delay(attempt)
+                attempt += 1
+                if time.monotonic() - logged_at >= RETRY_LOG_INTERVAL:  # once, then every minute
+                    logged_at = time.monotonic()
+                    log.warning("%s; retrying (attempt %d, next in %.1f s) until it answers", exc, attempt, delay)
+            stop.wait(delay)
+        log.info("stopped before the broker could be reached")
+        return False
 
     def _check_connection(self) -> None:
-        """After a reconnection the broker has published our Last Will: say ``online`` again."""
+        """Log connection losses and returns; the transport says ``online`` again itself (its birth message)."""
         connected = self.transport.connected
         if connected and not self._online:
-            try:
-                self._publish_presence()
-            except (TransportError, OSError) as exc:
-                log.warning("could not publish online presence: %s", exc)
-                return
             self._online = True
             log.info("connection to the broker re-established")
         elif not connected and self._online:
@@ -367,11 +414,11 @@ class EdgeClient:
             self._data = _fit_data(self._raw_data, None if self._dataset_given else self.config, self.manifest)
         except (DataError, EdgeClientError, ValueError) as exc:
             log.error("the training data does not fit model %s: %s", self.model_sha256 and self.model_sha256[:12], exc)
-        if self._started and self._online and self.num_examples != self._presence_examples:
+        if self._started and self.num_examples != self._presence_examples:
             try:
                 self._publish_presence()
-            except (TransportError, OSError) as exc:
-                log.warning("could not update presence: %s", exc)
+            except (TransportError, OSError) as exc:  # the birth message says it on the next connection
+                log.warning("could not update presence now: %s", exc)
 
 
 def _read_data(config: ClientConfig) -> Dataset | None:

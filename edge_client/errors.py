@@ -81,6 +81,15 @@ class BrokerAuthError(BrokerUnavailable):
     """The broker refused the credentials or certificate; retrying will not help."""
 
 
+class BrokerDown(BrokerUnavailable):
+    """The broker cannot be reached right now (connection refused, no route, no handshake): retrying may help.
+
+    Unlike other :class:`BrokerUnavailable` errors (a refused client id, a TLS
+    or protocol mismatch, bad credentials), this one is expected while a broker
+    restarts, so a board that boots meanwhile retries instead of exiting.
+    """
+
+
 class PublishFailed(TransportError):
     """A message was not acknowledged by the broker; the caller may resend it."""
 

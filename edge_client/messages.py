@@ -165,7 +165,13 @@ class Ack:
 
 @dataclass(frozen=True)
 class Presence:
-    """A client's retained online/offline state (offline is also its Last Will)."""
+    """A client's retained online/offline state (offline is also its Last Will).
+
+    Only ``status`` is required, as docs/protocol.md shows: ``num_examples``
+    defaults to 0 (a client without data, never selected) and ``version`` to
+    ``""``, so the spec's ``{"status": "offline"}`` Last Will and an online
+    presence without a version decode. A field that is present must be valid.
+    """
 
     status: str
     num_examples: int = 0
@@ -177,7 +183,11 @@ class Presence:
     @classmethod
     def from_bytes(cls, data: bytes) -> Presence:
         obj, what = _load(data, "presence"), "presence"
-        msg = cls(_get(obj, "status", str, what), _get(obj, "num_examples", int, what), _get(obj, "version", str, what))
+        msg = cls(
+            _get(obj, "status", str, what),
+            _get(obj, "num_examples", int, what) if "num_examples" in obj else 0,
+            _get(obj, "version", str, what) if "version" in obj else "",
+        )
         if msg.status not in ("online", "offline") or msg.num_examples < 0:
             raise ProtocolError(BAD_JSON, f"presence status {msg.status!r} / num_examples {msg.num_examples}")
         return msg

@@ -36,6 +36,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from edge_client.broker_url import Backoff, BrokerUrl  # paho-free; importable from here as before
 from edge_client.errors import (
     BrokerAuthError,
+    BrokerDown,
     BrokerUnavailable,
     BrokerUrlError,
     PayloadTooLarge,
@@ -45,6 +46,7 @@ from edge_client.errors import (
 )
 from edge_client.transport import (
     DEFAULT_MAX_PAYLOAD,
+    DEFAULT_QUEUE_BYTES,
     DEFAULT_QUEUE_SIZE,
     QOS,
     Message,
@@ -74,6 +76,10 @@ class MqttTransport:
     ``will`` is the Last Will (QoS 1): the broker publishes it when this
     client's connection dies without :meth:`close` (power loss, crash, network
     failure after the keepalive). Give it ``retain=True`` for presence.
+    ``birth`` (also the attribute :attr:`birth`) is its counterpart, published
+    with QoS 1 from paho's thread as soon as each connection is accepted, the
+    first and every reconnection, so presence comes back with the connection
+    even while the owner is busy (training, say) and reads no messages.
     A board that loses power sends no TCP reset: the broker notices after 1.5 x
     ``keepalive`` seconds of silence. ``ack_timeout`` bounds how long
     :meth:`publish` and :meth:`subscribe` wait for the broker's
@@ -88,9 +94,11 @@ class MqttTransport:
         client_id: str,
         *,
         will: Message | None = None,
+        birth: Message | None = None,
         protocol: str = "3.1.1",
         keepalive: int = 30,
         queue_size: int = DEFAULT_QUEUE_SIZE,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         ack_timeout: float = 10.0,
         backoff: Backoff | None = None,
@@ -102,12 +110,15 @@ class MqttTransport:
             raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {protocol!r}")
         self.client_id = client_id
         self.will = will
+        if birth is not None:
+            check_topic(birth.topic)
+        self.birth = birth
         self.protocol = protocol
         self.keepalive = keepalive
         self.max_payload = max_payload
         self.ack_timeout = ack_timeout
         self.backoff = backoff or Backoff()
-        self._queue = MessageQueue(queue_size, name=f"receive queue of {client_id!r}")
+        self._queue = MessageQueue(queue_size, name=f"receive queue of {client_id!r}", max_bytes=queue_bytes)
         self._connection = _Connection(
             _make_client(self.url, client_id, protocol, will),
             self.url,
@@ -116,6 +127,7 @@ class MqttTransport:
             keepalive=keepalive,
             backoff=self.backoff,
             deliver=self._queue.put,
+            birth=lambda: self.birth,
         )
 
     def __repr__(self) -> str:
@@ -138,7 +150,9 @@ class MqttTransport:
     def connect(self, timeout: float = 10.0) -> None:
         """Connect and subscribe every pattern given so far; raise :class:`BrokerUnavailable`.
 
-        Raises :class:`BrokerAuthError` when the broker refuses the credentials.
+        Raises :class:`~edge_client.errors.BrokerDown` (a :class:`BrokerUnavailable`)
+        when the broker cannot be reached or does not answer, which retrying may
+        cure, and :class:`BrokerAuthError` when the broker refuses the credentials.
         Once connected, lost connections are re-established in the background.
         """
         self._connection.connect(timeout)
@@ -286,6 +300,7 @@ class _Connection:
         keepalive: int,
         backoff: Backoff,
         deliver: Callable[[Message], None],
+        birth: Callable[[], Message | None] = lambda: None,
     ):
         self.client = client
         self.url = url
@@ -294,6 +309,7 @@ class _Connection:
         self.keepalive = keepalive
         self.backoff = backoff
         self._deliver = deliver
+        self._birth = birth
         self._cond = threading.Condition()  # guards everything below; callbacks notify through it
         self.reconnections = 0  # connections re-established after a loss
         self._patterns: list[str] = []
@@ -306,6 +322,7 @@ class _Connection:
         self._refusal: BrokerUnavailable | None = None
         self._attempt = 0
         self._started = False  # paho's network thread runs
+        self._attempted = False  # connect() was called before (a failed first connection is being retried)
         self._handshaking = False  # connect() drives the first handshake on its own thread
         self._closing = False
         self._closed = False
@@ -335,7 +352,9 @@ class _Connection:
             self._closing = False
             self._refusal = None
         deadline = time.monotonic() + timeout
-        self.client.connect_timeout = timeout
+        if not self._attempted:  # paho refuses to change connect_timeout once a connection was tried
+            self.client.connect_timeout = timeout
+            self._attempted = True
         # The first handshake (CONNACK, then SUBACK) runs on this thread and paho's network thread
         # starts only afterwards, so a refusal or a dropped connection fails connect() at once
         # instead of entering paho's reconnect loop.
@@ -374,7 +393,7 @@ class _Connection:
                 "check the client certificate and key (the broker may require them); with mqtt://, check that "
                 "the port is not a TLS listener; the broker's log says why"
             )
-        raise BrokerUnavailable(
+        raise BrokerDown(
             f"the MQTT broker at {self.url} accepted the TCP connection but did not complete the MQTT handshake "
             f"within {timeout:g} s. Check that an MQTT broker listens there and that the URL scheme matches it "
             "(mqtts:// for a TLS listener, mqtt:// otherwise)"
@@ -393,7 +412,7 @@ class _Connection:
                 "Check ca_file (it must sign the broker's certificate) and the client certificate and key"
             ) from exc
         except OSError as exc:
-            raise BrokerUnavailable(
+            raise BrokerDown(
                 f"cannot reach the MQTT broker at {self.url}: {exc.strerror or exc}. "
                 "Check that the broker is running and listening on that host and port, and any firewall between"
             ) from exc
@@ -506,6 +525,16 @@ class _Connection:
             else:
                 self.ready = True
             self._cond.notify_all()
+        self._publish_birth(client)
+
+    def _publish_birth(self, client: paho.Client) -> None:
+        """Queue the birth message (no waiting for its PUBACK on paho's thread); paho resends it if need be."""
+        birth = self._birth()
+        if birth is None:
+            return
+        info = client.publish(birth.topic, birth.payload, qos=QOS, retain=birth.retain)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:  # the connection is gone again: the next one publishes it
+            log.debug("could not publish the birth message on %s: %s", birth.topic, paho.error_string(info.rc))
 
     def _on_subscribe(
         self,
@@ -576,4 +605,4 @@ def _refusal_error(url: BrokerUrl, client_id: str, reason: ReasonCode) -> Broker
         return BrokerUnavailable(f"{said}. Choose a shorter client id of letters and digits")
     if reason.value == 132:  # unsupported protocol version
         return BrokerUnavailable(f"{said}. Try the other protocol (protocol='3.1.1' or '5')")
-    return BrokerUnavailable(f"{said}. Retry later, or check the broker's log")
+    return BrokerDown(f"{said}. Retry later, or check the broker's log")

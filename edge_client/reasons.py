@@ -54,6 +54,11 @@ BAD_SIGNATURE = "bad_signature"  # tampered or forged
 DIVERGED = "diverged"  # local training produced NaN/Inf
 NO_UPDATE = "no_update"  # no update, for no more specific reason
 
+# -- hostile input (issue 11, part R): an update that does not fit what was asked or reported --
+TOO_MANY_EXAMPLES = "too_many_examples"  # num_examples above the client's presence or the coordinator's cap
+WRONG_CODEC = "wrong_codec"  # the update's codec is not the one its round announced
+NORM_TOO_LARGE = "norm_too_large"  # the update's L2 norm exceeds the coordinator's --max-update-norm
+
 REASONS: tuple[str, ...] = (
     TRUNCATED,
     BAD_MAGIC,
@@ -85,5 +90,9 @@ REASONS: tuple[str, ...] = (
     BAD_SIGNATURE,
     DIVERGED,
     NO_UPDATE,
+    # hostile input (part R)
+    TOO_MANY_EXAMPLES,
+    WRONG_CODEC,
+    NORM_TOO_LARGE,
 )
 """Every reason, in the order of the table in docs/protocol.md."""

@@ -7,8 +7,11 @@ with the announced model and the global weights of that round and run),
 trains, encodes the update and hands it to its
 :class:`~edge_client.uploads.Uploader`, which resends it until it is
 acknowledged. Progress is saved durably at every step, so a board that
-loses power resumes where it stopped. :class:`~edge_client.client.EdgeClient`
-feeds it messages and the transport.
+loses power resumes where it stopped; an acknowledged update stays on disk
+until its round is known to be closed (an announcement or global frame of a
+later round, or another run), so a coordinator that restarts in that round
+gets it again even from a board that restarted too.
+:class:`~edge_client.client.EdgeClient` feeds it messages and the transport.
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ class Rounds:
         self._waiting: str | None = None  # why the current round is not being trained (logged once)
 
     def restore(self, manifest: Manifest) -> None:
-        """Load the progress of the restored model and resume its pending update."""
+        """Load the progress of the restored model and resume its pending (or acknowledged) update."""
         progress = self.store.load_progress()
         if progress.model_sha256 != manifest.model_sha256:
             if progress.model_sha256:
@@ -96,11 +99,20 @@ class Rounds:
         pending_bytes = self.store.load_pending(progress, manifest)
         if progress.pending is not None and pending_bytes is None:
             progress = replace(progress, pending=None)
+        answered_bytes = self.store.load_answered(progress, manifest)
+        if progress.answered is not None and answered_bytes is None:
+            progress = replace(progress, answered=None)
         self.progress = progress
         if pending_bytes is not None and progress.pending is not None:
             pending = progress.pending
             self.uploads.restore(pending.round, progress.run, pending.model_sha256, pending_bytes)
             log.info("restored the update of round %d awaiting an ack", pending.round)
+        if answered_bytes is not None and progress.answered is not None:
+            answered = progress.answered
+            self.uploads.restore_answered(
+                answered.round, progress.run, answered.model_sha256, answered_bytes, answered.deadline
+            )
+            log.info("restored the acknowledged update of round %d, in case it is asked for again", answered.round)
 
     # -- the model and global weights ------------------------------------------------
     def model_installed(self, digest: str, previous: str | None, persist: bool) -> None:
@@ -122,6 +134,8 @@ class Rounds:
 
     def global_kept(self, frame: Frame) -> None:
         self._waiting = None
+        if frame.run == self.progress.run:
+            self._round_closed_before(frame.round)
 
     # -- announcements ---------------------------------------------------------------
     def on_round(self, ann: RoundAnnouncement) -> None:
@@ -149,6 +163,7 @@ class Rounds:
             return
         self.announcement = ann
         self._waiting = None
+        self._round_closed_before(ann.round)
         selected = self.client_id in ann.selected
         remaining = ann.deadline - self.clock()
         log.info(
@@ -201,7 +216,7 @@ class Rounds:
         r, selected = ann.round, self.client_id in ann.selected
         trained = self.progress.trained_round
         if trained is not None and r <= trained:
-            if selected and self.uploads.current is None:
+            if selected and self.uploads.current is None and self.uploads.answered is None:
                 self.ignore(
                     ("already_trained", ann.run, r),
                     f"round {r}: selected, but this board already trained it in this run and no longer holds "
@@ -313,12 +328,49 @@ class Rounds:
 
     # -- state -----------------------------------------------------------------------
     def _upload_settled(self, up: Upload, outcome: Outcome) -> None:
-        """Record durably how an upload ended: the pending update is dropped unless it went unanswered."""
+        """Record durably how an upload ended.
+
+        An unanswered update stays pending (resent if its round is announced
+        again); an acknowledged one is kept as ``answered`` until its round is
+        known closed; a rejected or abandoned one is dropped.
+        """
         self.settled.add((up.run, up.round))
-        if outcome is Outcome.UNANSWERED or (outcome is Outcome.ABANDONED and self.progress.pending is None):
-            return  # an unanswered update stays in pending.bin, to be resent if its round is announced again
-        acked = up.round if outcome.acknowledged else self.progress.acked_round
-        self.progress = replace(self.progress, acked_round=acked, pending=None)
+        if outcome is Outcome.UNANSWERED:
+            return
+        if outcome.acknowledged:
+            self.progress = replace(self.progress, acked_round=up.round, pending=None, answered=self._answered(up))
+        else:
+            answered = self.progress.answered
+            if answered is not None and answered.round == up.round:
+                answered = None  # the resent acknowledged update was refused or abandoned: done with it
+            dropped = replace(self.progress, pending=None, answered=answered)
+            if dropped == self.progress:
+                return
+            self.progress = dropped
+        self._save_progress()
+
+    def _answered(self, up: Upload) -> PendingUpdate | None:
+        """The durable record of ``up``, just acknowledged: pending.bin becomes answered.bin (None: not on disk)."""
+        pending, answered = self.progress.pending, self.progress.answered
+        if pending is not None and pending.round == up.round:
+            try:
+                self.store.keep_pending_as_answered()
+            except StateError as exc:
+                log.error("%s; the acknowledged update is kept in memory only", exc)
+                return None
+            return replace(pending, deadline=up.deadline)
+        if answered is not None and answered.round == up.round:
+            return replace(answered, deadline=up.deadline)  # asked again, acknowledged again: in answered.bin
+        return None  # its write had failed: kept in memory only (Uploader.answered)
+
+    def _round_closed_before(self, round: int) -> None:
+        """A message of ``round`` of the run followed: an acknowledged update of an earlier round is not needed."""
+        answered = self.progress.answered
+        if answered is None or answered.round >= round:
+            return
+        log.debug("round %d: dropping the acknowledged update of round %d, which has closed", round, answered.round)
+        self.uploads.forget_answered_before(round)
+        self.progress = replace(self.progress, answered=None)
         self._save_progress()
 
     def _save_progress(self, pending_bytes: bytes | None = None) -> None:

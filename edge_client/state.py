@@ -6,7 +6,8 @@ Layout of the state directory::
     model.json      its manifest, as carried by ModelMeta
     global.bin      the last global-weights frame, raw frame bytes (CRC-checked)
     pending.bin     the encoded update frame awaiting an ack, raw frame bytes
-    progress.json   the run followed, rounds trained and acknowledged in it, and which pending.bin is current
+    answered.bin    the last acknowledged update (pending.bin renamed), kept until its round is known closed
+    progress.json   the run followed, rounds trained and acknowledged in it, which update files are current
     residuals.npz   error-feedback residuals of a lossy update codec (per tensor, float32)
 
 Every file is written atomically: a temporary file in the same directory,
@@ -26,6 +27,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import zipfile
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_client.durable import TMP_PREFIX, atomic_write
+from edge_client.durable import TMP_PREFIX, atomic_write, fsync_dir
 from edge_client.errors import EdgeClientError, ProtocolError, StateError
 from edge_client.frames import Frame, decode_frame, validate_frame
 from edge_client.manifest import Manifest
@@ -48,11 +50,12 @@ MODEL_FILE = "model.tflite"
 MANIFEST_FILE = "model.json"
 GLOBAL_FILE = "global.bin"
 PENDING_FILE = "pending.bin"
+ANSWERED_FILE = "answered.bin"
 PROGRESS_FILE = "progress.json"
 RESIDUALS_FILE = "residuals.npz"
 _RESIDUAL_PREFIX = "tensor:"
-PROGRESS_VERSION = 2  # 2 added "run"; a version-1 file reads as belonging to no run
-_PROGRESS_VERSIONS = (1, PROGRESS_VERSION)
+PROGRESS_VERSION = 3  # 2 added "run" (a version-1 file reads as belonging to no run), 3 "answered"
+_PROGRESS_VERSIONS = (1, 2, PROGRESS_VERSION)
 
 
 @dataclass(frozen=True)
@@ -67,12 +70,18 @@ class StoredModel:
 
 @dataclass(frozen=True)
 class PendingUpdate:
-    """Which update awaits an ack: its round, model and the SHA-256 of its bytes."""
+    """Which update an update file holds: its round, model and the SHA-256 of its bytes.
+
+    ``deadline`` (an answered update only) is that of the announcement it was
+    acknowledged under: the same announcement replayed after a restart does not
+    ask for it again, a new one of its round (a restarted coordinator's) does.
+    """
 
     round: int
     model_sha256: str
     sha256: str
     size: int
+    deadline: float | None = None
 
 
 @dataclass(frozen=True)
@@ -81,9 +90,11 @@ class Progress:
 
     ``trained_round`` is the last round of that run it sent an update for
     (never trained again), ``acked_round`` the last round the coordinator
-    acknowledged, and ``pending`` the update to resend while its round is
-    open. All three belong to ``run`` ("" before the board joins one): a new
-    run starts from an empty Progress.
+    acknowledged, ``pending`` the update to resend while its round is open,
+    and ``answered`` the acknowledged update kept until a later round (or
+    another run) shows that its round has closed: a coordinator restarted
+    in that round has lost it and asks for it again. All belong to ``run``
+    ("" before the board joins one): a new run starts from an empty Progress.
     """
 
     model_sha256: str = ""
@@ -91,19 +102,17 @@ class Progress:
     acked_round: int | None = None
     pending: PendingUpdate | None = None
     run: str = ""
+    answered: PendingUpdate | None = None
 
     def to_json(self) -> dict[str, Any]:
-        pending = None
-        if self.pending is not None:
-            p = self.pending
-            pending = {"round": p.round, "model_sha256": p.model_sha256, "sha256": p.sha256, "size": p.size}
         return {
             "version": PROGRESS_VERSION,
             "model_sha256": self.model_sha256,
             "run": self.run,
             "trained_round": self.trained_round,
             "acked_round": self.acked_round,
-            "pending": pending,
+            "pending": _update_json(self.pending),
+            "answered": _update_json(self.answered),
         }
 
     @classmethod
@@ -114,23 +123,46 @@ class Progress:
         run = obj.get("run", "") if obj["version"] >= 2 else ""
         if run != "" and not is_run_id(run):
             raise ValueError(f"run must be a run id (16 lowercase hex digits) or empty, got {run!r}")
-        pending = obj.get("pending")
-        if pending is not None:
-            if not isinstance(pending, dict):
-                raise ValueError("pending must be an object")
-            pending = PendingUpdate(
-                round=_count(pending.get("round"), "pending.round"),
-                model_sha256=_str(pending.get("model_sha256"), "pending.model_sha256"),
-                sha256=_str(pending.get("sha256"), "pending.sha256"),
-                size=_count(pending.get("size"), "pending.size"),
-            )
         return cls(
             model_sha256=_str(obj.get("model_sha256"), "model_sha256"),
             trained_round=_round(obj.get("trained_round"), "trained_round"),
             acked_round=_round(obj.get("acked_round"), "acked_round"),
-            pending=pending,
+            pending=_update_from_json(obj.get("pending"), "pending"),
             run=run,
+            answered=_update_from_json(obj.get("answered"), "answered") if obj["version"] >= 3 else None,
         )
+
+
+def _update_json(update: PendingUpdate | None) -> dict[str, Any] | None:
+    if update is None:
+        return None
+    out: dict[str, Any] = {"round": update.round, "model_sha256": update.model_sha256, "sha256": update.sha256}
+    out["size"] = update.size
+    if update.deadline is not None:
+        out["deadline"] = update.deadline
+    return out
+
+
+def _update_from_json(obj: Any, name: str) -> PendingUpdate | None:
+    if obj is None:
+        return None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{name} must be an object")
+    return PendingUpdate(
+        round=_count(obj.get("round"), f"{name}.round"),
+        model_sha256=_str(obj.get("model_sha256"), f"{name}.model_sha256"),
+        sha256=_str(obj.get("sha256"), f"{name}.sha256"),
+        size=_count(obj.get("size"), f"{name}.size"),
+        deadline=_deadline(obj.get("deadline"), f"{name}.deadline"),
+    )
+
+
+def _deadline(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def _round(value: Any, name: str) -> int | None:
@@ -276,31 +308,65 @@ class StateStore:
         self._write(PROGRESS_FILE, (json.dumps(progress.to_json(), indent=2) + "\n").encode())
         if progress.pending is None:
             self._remove(PENDING_FILE)
+        if progress.answered is None:
+            self._remove(ANSWERED_FILE)
+
+    def keep_pending_as_answered(self) -> None:
+        """Rename pending.bin to answered.bin, durably: call it before progress.json names the update answered.
+
+        A power loss between the two leaves progress.json naming the update
+        pending and its bytes in answered.bin; loading looks in both files.
+        """
+        try:
+            os.replace(self.path(PENDING_FILE), self.path(ANSWERED_FILE))
+        except FileNotFoundError:
+            return  # nothing written (its write failed) or renamed already
+        except OSError as exc:
+            raise StateError(f"cannot rename {self.path(PENDING_FILE)}: {exc.strerror or exc}") from exc
+        fsync_dir(self.directory)
 
     def load_pending(self, progress: Progress, manifest: Manifest | None = None) -> bytes | None:
         """The bytes of ``progress.pending`` if pending.bin is intact and is that update (of its run), else None."""
-        pending = progress.pending
-        if pending is None:
+        return self._load_update(progress.pending, "pending", (PENDING_FILE, ANSWERED_FILE), progress.run, manifest)
+
+    def load_answered(self, progress: Progress, manifest: Manifest | None = None) -> bytes | None:
+        """The bytes of ``progress.answered`` if answered.bin is intact and is that update (of its run), else None."""
+        files = (ANSWERED_FILE, PENDING_FILE)
+        return self._load_update(progress.answered, "acknowledged", files, progress.run, manifest)
+
+    def _load_update(
+        self, update: PendingUpdate | None, what: str, files: tuple[str, str], run: str, manifest: Manifest | None
+    ) -> bytes | None:
+        """The bytes of ``update`` from the first of ``files`` that holds them (the second: a rename cut short)."""
+        if update is None:
             return None
-        data = self._read(PENDING_FILE)
-        if data is None:
+        other = None  # a file that holds something else
+        for name in files:
+            data = self._read(name)
+            if data is None:
+                continue
+            if len(data) == update.size and sha256_hex(data) == update.sha256:
+                return self._checked_update(data, name, update, what, run, manifest)
+            other = other or name
+        if other is None:
+            path = self.path(files[0])
+            log.warning("ignoring the %s update of round %d: %s is missing", what, update.round, path)
+        else:
+            path = self.path(other)
             log.warning(
-                "ignoring the pending update of round %d: %s is missing", pending.round, self.path(PENDING_FILE)
+                "ignoring %s: it is not the %s update of round %d (interrupted write?)", path, what, update.round
             )
-            return None
-        if len(data) != pending.size or sha256_hex(data) != pending.sha256:
-            log.warning(
-                "ignoring %s: it is not the pending update of round %d (interrupted write?)",
-                self.path(PENDING_FILE),
-                pending.round,
-            )
-            return None
+        return None
+
+    def _checked_update(
+        self, data: bytes, name: str, update: PendingUpdate, what: str, run: str, manifest: Manifest | None
+    ) -> bytes | None:
         try:
             frame = decode_frame(data)
             if manifest is not None:
-                validate_frame(frame, manifest.weights, manifest.model_sha256, "update", pending.round, progress.run)
+                validate_frame(frame, manifest.weights, manifest.model_sha256, "update", update.round, run)
         except ProtocolError as exc:
-            log.warning("ignoring the pending update %s: %s", self.path(PENDING_FILE), exc)
+            log.warning("ignoring the %s update %s: %s", what, self.path(name), exc)
             return None
         return data
 

@@ -12,6 +12,11 @@ them on a flaky Wi-Fi link), and the protocol layer above already tolerates the
 duplicates QoS 1 can produce (chunks are idempotent), so QoS 2's extra round
 trip would buy nothing.
 
+Presence survives reconnections at the transport: a *birth* message (the
+counterpart of the Last Will) is published, retained, on every connection,
+from the network side, so a board busy training is announced ``online``
+again as soon as its connection is back, without its own loop running.
+
 Both transports deliver into a bounded :class:`MessageQueue`: when it is full
 the oldest message is dropped and counted, so a slow consumer never blocks the
 network thread nor grows the process without bound.
@@ -26,12 +31,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from edge_client.errors import PayloadTooLarge, PublishFailed, TransportError
+from edge_client.errors import BrokerDown, PayloadTooLarge, PublishFailed, TransportError
 
 log = logging.getLogger(__name__)
 
 QOS = 1
 DEFAULT_QUEUE_SIZE = 10_000
+# Bytes as well as messages: the coordinator's queue. A board's is smaller (BOARD_QUEUE_BYTES) but still holds
+# a whole model's retained chunks (at most the reassembler's 64 MiB payload), which a board reads at subscribe.
+DEFAULT_QUEUE_BYTES = 256 << 20
+BOARD_QUEUE_BYTES = 96 << 20
 # AWS IoT Core's message limit; local brokers accept more (pass max_payload=).
 DEFAULT_MAX_PAYLOAD = 128 * 1024
 _MAX_TOPIC_BYTES = 65_535  # MQTT strings carry a 16-bit length
@@ -57,6 +66,15 @@ class Transport(Protocol):
     max_payload: int
     """Largest payload :meth:`publish` accepts, in bytes; larger ones are chunked above."""
 
+    birth: Message | None
+    """Published (QoS 1) on every connection, the first and each reconnection, by the transport itself.
+
+    The counterpart of the Last Will: retained ``online`` presence, which the
+    broker replaced with the will (or lost, restarting without persistence)
+    while the connection was down. Set it before :meth:`connect`; a new value
+    applies from the next connection (publish it as well to change it now).
+    """
+
     @property
     def connected(self) -> bool:
         """True while the transport can publish (and its subscriptions are active)."""
@@ -67,8 +85,13 @@ class Transport(Protocol):
         """Messages lost because the receive queue was full."""
         ...
 
+    @property
+    def reconnections(self) -> int:
+        """Connections re-established after a loss: the broker may have lost every retained message meanwhile."""
+        ...
+
     def connect(self) -> None:
-        """Connect to the broker and subscribe every pattern given so far."""
+        """Connect to the broker and subscribe every pattern given so far; :class:`BrokerDown` if unreachable."""
         ...
 
     def close(self) -> None:
@@ -155,20 +178,26 @@ def topic_matches(pattern: str, topic: str) -> bool:
 
 
 class MessageQueue:
-    """A thread-safe FIFO of at most ``maxsize`` messages that drops its OLDEST when full.
+    """A thread-safe FIFO of at most ``maxsize`` messages and ``max_bytes`` payload bytes that drops its OLDEST.
 
     Dropping the oldest (not refusing the newest) keeps the freshest state,
     which is what a federated round needs: a stale round announcement is worth
-    less than the current one. Drops are counted and logged (at 1, 2, 4, ...
-    drops, so a sustained overload cannot flood a board's log).
+    less than the current one. Both bounds hold: a count alone let a flood of
+    large messages (10,000 of 128 KiB) grow a process past a gigabyte. A
+    message larger than ``max_bytes`` on its own is dropped itself. Drops are
+    counted and logged (at 1, 2, 4, ... drops, so a sustained overload cannot
+    flood a board's log).
     """
 
-    def __init__(self, maxsize: int = DEFAULT_QUEUE_SIZE, name: str = "receive queue"):
-        if maxsize < 1:
-            raise ValueError(f"queue size must be at least 1, got {maxsize}")
-        self.maxsize = maxsize
+    def __init__(
+        self, maxsize: int = DEFAULT_QUEUE_SIZE, name: str = "receive queue", max_bytes: int = DEFAULT_QUEUE_BYTES
+    ):
+        if maxsize < 1 or max_bytes < 1:
+            raise ValueError(f"queue size and max_bytes must be at least 1, got {maxsize} and {max_bytes}")
+        self.maxsize, self.max_bytes = maxsize, max_bytes
         self.name = name
         self._items: deque[Message] = deque()
+        self._bytes = 0  # payload bytes queued
         self._cond = threading.Condition()
         self._dropped = 0
         self._closed = False
@@ -177,33 +206,53 @@ class MessageQueue:
     def dropped(self) -> int:
         return self._dropped
 
+    @property
+    def queued_bytes(self) -> int:
+        """Payload bytes waiting to be read."""
+        with self._cond:
+            return self._bytes
+
     def __len__(self) -> int:
         with self._cond:
             return len(self._items)
 
     def put(self, message: Message) -> None:
-        """Append ``message`` without ever blocking; drop the oldest when full."""
+        """Append ``message`` without ever blocking; drop the oldest while either bound is exceeded."""
+        size = len(message.payload)
         with self._cond:
-            if len(self._items) >= self.maxsize:
+            if size > self.max_bytes:
+                self._drop(message)
+                return
+            while self._items and (len(self._items) >= self.maxsize or self._bytes + size > self.max_bytes):
                 lost = self._items.popleft()
-                self._dropped += 1
-                if self._dropped & (self._dropped - 1) == 0:
-                    log.warning(
-                        "%s full (%d messages): dropped the oldest, on %s; %d dropped so far. "
-                        "The consumer is too slow; receive faster or raise queue_size",
-                        self.name,
-                        self.maxsize,
-                        lost.topic,
-                        self._dropped,
-                    )
+                self._bytes -= len(lost.payload)
+                self._drop(lost)
             self._items.append(message)
+            self._bytes += size
             self._cond.notify()
+
+    def _drop(self, lost: Message) -> None:
+        self._dropped += 1
+        if self._dropped & (self._dropped - 1) == 0:
+            log.warning(
+                "%s full (%d messages, %d bytes at most): dropped the oldest, on %s; %d dropped so far. "
+                "The consumer is too slow; receive faster or raise queue_size / queue_bytes",
+                self.name,
+                self.maxsize,
+                self.max_bytes,
+                lost.topic,
+                self._dropped,
+            )
 
     def get(self, timeout: float | None) -> Message | None:
         """Oldest message; None after ``timeout`` seconds, or at once when closed and empty."""
         with self._cond:
             self._cond.wait_for(lambda: self._items or self._closed, timeout)
-            return self._items.popleft() if self._items else None
+            if not self._items:
+                return None
+            message = self._items.popleft()
+            self._bytes -= len(message.payload)
+            return message
 
     def close(self) -> None:
         """Wake every waiting :meth:`get`; messages already queued can still be read."""
@@ -234,7 +283,12 @@ class InMemoryBroker:
     an established subscription carry ``retain=False``; retained ones replayed
     on subscribe carry ``retain=True``, as MQTT 3.1.1 requires.
 
-    Fault injection: :meth:`duplicate_next` and :meth:`drop_matching`.
+    Fault injection: :meth:`duplicate_next`, :meth:`drop_matching`, and
+    :meth:`stop` / :meth:`start` (or :meth:`restart`) for a broker that goes
+    away: while it is down, connecting raises :class:`BrokerDown` and
+    publishing :class:`~edge_client.errors.PublishFailed`; when it is back,
+    the transports it lost reconnect by themselves (as MQTT transports do),
+    each publishing its birth message.
     """
 
     def __init__(self) -> None:
@@ -243,6 +297,8 @@ class InMemoryBroker:
         self._retained: dict[str, Message] = {}
         self._duplicate = 0
         self._drop_rules: list[_DropRule] = []
+        self._down = False
+        self._lost: list[InMemoryTransport] = []  # connected when the broker stopped: they reconnect on start()
         self.published = 0  # messages accepted from publishers, lost ones included
 
     @property
@@ -256,6 +312,40 @@ class InMemoryBroker:
         """A copy of the retained messages by topic."""
         with self._lock:
             return dict(self._retained)
+
+    @property
+    def running(self) -> bool:
+        """False between :meth:`stop` and :meth:`start`."""
+        return not self._down
+
+    def stop(self, *, persistent: bool = False) -> None:
+        """Go down: every connection is lost at once; without ``persistent`` the retained messages go too.
+
+        No Last Will is published: the broker that would publish it is gone.
+        """
+        with self._lock:
+            self._down = True
+            self._lost += self._clients.values()
+            for client in self._clients.values():
+                client._connected = False
+            self._clients.clear()
+            if not persistent:
+                self._retained.clear()
+        log.debug("in-memory broker: down (%s)", "persistent" if persistent else "retained messages lost")
+
+    def start(self) -> None:
+        """Come back up; the transports lost by :meth:`stop` reconnect (in their order) unless closed since."""
+        with self._lock:
+            self._down = False
+            lost, self._lost = self._lost, []
+            for client in lost:
+                if not client._closed and not client._connected:
+                    self._attach(client)
+
+    def restart(self, *, persistent: bool = False) -> None:
+        """:meth:`stop`, then :meth:`start`: a broker restart the transports ride out."""
+        self.stop(persistent=persistent)
+        self.start()
 
     def duplicate_next(self, count: int = 1) -> None:
         """Deliver each of the next ``count`` published messages twice (a QoS 1 resend)."""
@@ -280,6 +370,8 @@ class InMemoryBroker:
         """Route ``message`` as if a client had published it (tests may call this directly)."""
         check_topic(message.topic)
         with self._lock:
+            if self._down:
+                raise PublishFailed("the in-memory broker is down (stopped by the test); start() it first")
             self.published += 1
             if self._take_drop_rule(message.topic):
                 log.debug("in-memory broker: dropped %s (fault injection)", message.topic)
@@ -310,15 +402,21 @@ class InMemoryBroker:
 
     def _attach(self, client: InMemoryTransport) -> None:
         with self._lock:
+            if self._down:
+                raise BrokerDown(f"cannot reach the in-memory broker as {client.client_id!r}: it is down; retry later")
             old = self._clients.get(client.client_id)
             if old is not None and old is not client:
                 # MQTT session takeover: the broker disconnects the older connection.
                 log.info("in-memory broker: client id %r taken over by a new connection", client.client_id)
                 old._connected = False
             self._clients[client.client_id] = client
-            client._connected = True
+            if client._ever_connected:
+                client.reconnections += 1
+            client._connected = client._ever_connected = True
             for pattern in client._patterns:
                 self._replay_retained(client, pattern)
+            if client.birth is not None:
+                self.publish(client.birth)
 
     def _detach(self, client: InMemoryTransport, *, unclean: bool) -> None:
         with self._lock:
@@ -341,7 +439,8 @@ class InMemoryTransport:
     :meth:`drop` simulates a power loss or network failure: the broker
     publishes the will. Unlike :meth:`close`, a dropped transport may
     :meth:`connect` again, keeping its subscriptions (as the MQTT transport
-    does when it reconnects).
+    does when it reconnects); every connection after the first counts in
+    :attr:`reconnections` and publishes :attr:`birth`, as MQTT connections do.
     """
 
     def __init__(
@@ -350,18 +449,24 @@ class InMemoryTransport:
         client_id: str,
         will: Message | None = None,
         *,
+        birth: Message | None = None,
         queue_size: int = DEFAULT_QUEUE_SIZE,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
     ):
-        if will is not None:
-            check_topic(will.topic)
+        for message in (will, birth):
+            if message is not None:
+                check_topic(message.topic)
         self.broker = broker
         self.client_id = client_id
         self.will = will
+        self.birth = birth
         self.max_payload = max_payload
-        self._queue = MessageQueue(queue_size, name=f"receive queue of {client_id!r}")
+        self.reconnections = 0
+        self._queue = MessageQueue(queue_size, name=f"receive queue of {client_id!r}", max_bytes=queue_bytes)
         self._patterns: list[str] = []
         self._connected = False
+        self._ever_connected = False
         self._closed = False
 
     def __repr__(self) -> str:

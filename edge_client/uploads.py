@@ -13,8 +13,9 @@ The rules (docs/protocol.md, "Rounds"):
   ``max_resends`` resends, never at or after the deadline;
 * a failed publish counts as a send and is retried ``ack_timeout`` later;
 * an ack of the upload's run and round ends it: ``accepted`` and
-  ``duplicate`` are kept as the answered update (a coordinator restarted
-  mid-round may ask for it again by selecting this client once more),
+  ``duplicate`` are kept as the answered update until a later round is
+  announced (a coordinator restarted mid-round may ask for it again by
+  selecting this client once more; the owner keeps it on disk too),
   ``rejected`` is logged; a rejection under a *later* round number is the
   coordinator's ``stale_round`` for a late update and ends it too;
 * an announcement of a newer round or of another run abandons it.
@@ -127,6 +128,16 @@ class Uploader:
         self.current = Upload(round, run, model_sha256, payload)
         return self.current
 
+    def restore_answered(
+        self, round: int, run: str, model_sha256: str, payload: bytes, deadline: float | None = None
+    ) -> Upload:
+        """Take an acknowledged update read back from the state directory: sent again only if asked again.
+
+        ``deadline`` is that of the announcement it was acknowledged under, which does not ask again.
+        """
+        self.answered = Upload(round, run, model_sha256, payload, deadline=deadline)
+        return self.answered
+
     def until_due(self) -> float | None:
         """Seconds until the next (re)send is due; None if none is scheduled."""
         up = self.current
@@ -140,12 +151,15 @@ class Uploader:
         up = self.current
         if up is not None and up.round < ann.round:
             self.abandon(f"round {ann.round} was announced")
+        if self.answered is not None and self.answered.run == ann.run:
+            self.forget_answered_before(ann.round)  # its round has closed: nobody will ask for it again
         answered = self.answered
         asked_again = (
             self.client_id in ann.selected
             and self.current is None
             and answered is not None
             and (answered.run, answered.round, answered.model_sha256) == (ann.run, ann.round, ann.model_sha256)
+            and answered.deadline != ann.deadline  # the announcement it answered, replayed, asks nothing new
         )
         if asked_again:
             assert answered is not None
@@ -234,6 +248,11 @@ class Uploader:
         """The owner joins ``run``: nothing of the previous run is sent again."""
         self.abandon(f"run {run} started")
         self.answered = None
+
+    def forget_answered_before(self, round: int) -> None:
+        """A later round of the run is under way: the answered update of an earlier one is never asked for again."""
+        if self.answered is not None and self.answered.round < round:
+            self.answered = None
 
     def model_changed(self, model_sha256: str) -> None:
         """A new model is in use: an update of another model is abandoned."""

@@ -16,7 +16,7 @@ from edge_client.frames import Frame, decode_frame, encode_frame
 from edge_client.messages import UNNAMED_RUN, Ack, ModelMeta, Presence, RoundAnnouncement
 from edge_client.model_file import sha256_hex
 from edge_client.topics import Topics
-from edge_client.transport import InMemoryBroker, InMemoryTransport, Message
+from edge_client.transport import InMemoryBroker, InMemoryTransport, Message, Transport
 from edge_client.weights import NamedArray
 
 # -- the fake board (talks to a real coordinator) ----------------------------------------------
@@ -25,28 +25,48 @@ SMALL_CHUNK = 2048  # forces multi-chunk transfers even for the small tabular mo
 
 
 class FakeClient:
-    """A board speaking the protocol by hand to a coordinator: presence, then updates with chosen deltas."""
+    """A board speaking the protocol by hand to a coordinator: presence, then updates with chosen deltas.
 
-    def __init__(self, broker: InMemoryBroker, client_id: str):
-        self.id = client_id
-        will = Message(TOPICS.presence(client_id), Presence("offline").to_bytes(), retain=True)
-        self.transport = InMemoryTransport(broker, client_id, will=will)
+    ``broker`` is the in-memory broker to attach to, or a transport not yet
+    connected (e.g. an ``MqttTransport`` whose will is :meth:`will` of this
+    id). Its presence reports ``num_examples``, so updates may claim that many.
+    """
+
+    def __init__(
+        self,
+        broker: InMemoryBroker | Transport,
+        client_id: str,
+        *,
+        num_examples: int = 1000,
+        topics: Topics = TOPICS,
+    ):
+        self.id, self.topics = client_id, topics
+        if isinstance(broker, InMemoryBroker):
+            self.transport: Transport = InMemoryTransport(broker, client_id, will=self.will(client_id, topics))
+        else:
+            self.transport = broker
         self.transport.connect()
-        for pattern in (TOPICS.round, TOPICS.ack(client_id), TOPICS.global_chunks):
+        for pattern in (topics.round, topics.ack(client_id), topics.global_chunks):
             self.transport.subscribe(pattern)
-        self.transport.publish(TOPICS.presence(client_id), Presence("online", 10).to_bytes(), retain=True)
+        online = Presence("online", num_examples).to_bytes()
+        self.transport.publish(topics.presence(client_id), online, retain=True)
         self.acks: list[Ack] = []
         self.rounds: list[RoundAnnouncement] = []
         self.globals: dict[int, Frame] = {}
         self._reassembler = Reassembler()
 
+    @staticmethod
+    def will(client_id: str, topics: Topics = TOPICS) -> Message:
+        """The Last Will of ``client_id``: the spec's ``{"status": "offline"}``, retained."""
+        return Message(topics.presence(client_id), b'{"status": "offline"}', retain=True)
+
     def pump(self, seconds: float = 0.05) -> None:
         end = time.monotonic() + seconds
         while (message := self.transport.receive(timeout=max(0.0, end - time.monotonic()))) is not None:
-            if message.topic == TOPICS.round:
+            if message.topic == self.topics.round:
                 if message.payload:  # empty: the coordinator cleared the retained announcement
                     self.rounds.append(RoundAnnouncement.from_bytes(message.payload))
-            elif message.topic == TOPICS.ack(self.id):
+            elif message.topic == self.topics.ack(self.id):
                 self.acks.append(Ack.from_bytes(message.payload))
             elif message.payload and (payload := self._reassembler.add(message.payload, "global")) is not None:
                 frame = decode_frame(payload)
@@ -64,7 +84,7 @@ class FakeClient:
             frame = dataclasses.replace(frame, run=self.rounds[-1].run)
         payload = frame if isinstance(frame, bytes) else encode_frame(frame)
         for chunk in split(payload, SMALL_CHUNK):
-            self.transport.publish(TOPICS.update(self.id), chunk)
+            self.transport.publish(self.topics.update(self.id), chunk)
 
 
 # -- the fake coordinator (talks to a real edge client) ------------------------------------------

@@ -61,6 +61,15 @@ def add_round_arguments(
             type=float,
             help="give up if not enough clients within this many seconds (default: wait until stopped)",
         )
+        r.add_argument(
+            "--broker-outage-timeout",
+            type=float,
+            default=600.0,
+            help="seconds the broker may stay unreachable (publishes retried meanwhile) before the coordinator "
+            "stops with an error (default %(default)s)",
+        )
+    if mqtt:
+        _add_bound_arguments(p)
     c = p.add_argument_group("client training")
     c.add_argument("--epochs", type=int, default=1, help="local epochs per round (default %(default)s)")
     c.add_argument("--lr", type=float, default=None, help="client learning rate (default: the manifest's)")
@@ -114,6 +123,38 @@ def add_round_arguments(
     p.add_argument("--seed", type=int, default=0, help=seed_help)
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     add_verbose_argument(p)
+
+
+def _add_bound_arguments(p: argparse.ArgumentParser) -> None:
+    """What the coordinator takes from clients at most: no message may stop it (docs/protocol.md, "Hostile input")."""
+    b = p.add_argument_group("bounds on what clients send")
+    b.add_argument(
+        "--max-clients", type=int, default=10_000, help="online clients considered at most (default %(default)s)"
+    )
+    b.add_argument(
+        "--presence-rate",
+        type=int,
+        default=12,
+        help="presence changes per client per minute; beyond, its presence is ignored for the rest of the minute "
+        "(default %(default)s)",
+    )
+    b.add_argument(
+        "--clients-file",
+        type=Path,
+        help="file of allowed client ids, one per line (# comments); presence of any other id is ignored "
+        "(default: any id)",
+    )
+    b.add_argument(
+        "--max-examples",
+        type=int,
+        default=10_000_000,
+        help="largest num_examples an update may claim (also never more than its presence) (default %(default)s)",
+    )
+    b.add_argument(
+        "--max-update-norm",
+        type=float,
+        help="refuse updates whose L2 norm exceeds this (default: no bound)",
+    )
 
 
 def _default(cls: type, parameter: str) -> object:

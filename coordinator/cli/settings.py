@@ -229,14 +229,62 @@ class RunSettings:
 
 
 @dataclass(frozen=True)
+class BoundSettings:
+    """What the coordinator takes from clients at most (``--max-clients`` ... ``--max-update-norm``).
+
+    ``allowed_clients`` are the ids of ``--clients-file`` (None: any id).
+    """
+
+    max_clients: int = 10_000
+    presence_rate: int = 12
+    allowed_clients: frozenset[str] | None = None
+    max_examples: int = 10_000_000
+    max_update_norm: float | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> BoundSettings:
+        """From the options; a bound that cannot work or an unreadable ``--clients-file`` is a usage error."""
+        if args.max_clients < 1 or args.presence_rate < 1 or args.max_examples < 1:
+            raise UsageError("--max-clients, --presence-rate and --max-examples must be >= 1")
+        norm = args.max_update_norm
+        if norm is not None and not (math.isfinite(norm) and norm > 0):
+            raise UsageError(f"--max-update-norm must be a positive number, got {norm}")
+        allowed = None if args.clients_file is None else read_clients_file(args.clients_file)
+        return cls(args.max_clients, args.presence_rate, allowed, args.max_examples, norm)
+
+
+def read_clients_file(path: Path) -> frozenset[str]:
+    """The client ids in ``path``: one per line, blank lines and ``#`` comments ignored; else a usage error."""
+    from edge_client.topics import check_name
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--clients-file {path}: cannot read it ({exc}); give a text file of client ids") from None
+    ids = [line.split("#", 1)[0].strip() for line in lines]
+    try:
+        allowed = frozenset(check_name("client id", i) for i in ids if i)
+    except ValueError as exc:
+        raise UsageError(f"--clients-file {path}: {exc}") from None
+    if not allowed:
+        raise UsageError(f"--clients-file {path} lists no client id; one id per line")
+    return allowed
+
+
+@dataclass(frozen=True)
 class ServiceSettings:
-    """How rounds run over MQTT: the topic tree, the round deadline, retries, the wait for clients."""
+    """How rounds run over MQTT: the topic tree, the round deadline, retries, the wait for clients, the bounds.
+
+    ``broker_outage_timeout`` is how long the broker may stay unreachable before the coordinator gives up.
+    """
 
     federation: str = "default"
     topic_prefix: str = "litefed"
     round_timeout: float = 120.0
     max_attempts: int = 3
     wait_for_clients: float | None = None
+    bounds: BoundSettings = BoundSettings()
+    broker_outage_timeout: float = 600.0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, wait_for_clients: float | None = None) -> ServiceSettings:
@@ -247,7 +295,15 @@ class ServiceSettings:
             round_timeout=args.round_timeout,
             max_attempts=args.max_attempts,
             wait_for_clients=args.wait_for_clients or wait_for_clients,
+            bounds=BoundSettings.from_args(args),
+            broker_outage_timeout=_positive(args.broker_outage_timeout, "--broker-outage-timeout"),
         )
+
+
+def _positive(value: float, option: str) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise UsageError(f"{option} must be a positive number of seconds, got {value}")
+    return value
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,12 @@ def build_coordinator(
         seed=run.seed,
         max_attempts=service.max_attempts,
         wait_for_clients=service.wait_for_clients,
+        max_clients=service.bounds.max_clients,
+        presence_rate=service.bounds.presence_rate,
+        allowed_clients=service.bounds.allowed_clients,
+        max_examples=service.bounds.max_examples,
+        max_update_norm=service.bounds.max_update_norm,
+        broker_outage_timeout=service.broker_outage_timeout,
     )
     return Coordinator(config, make_transport(settings.broker), strategy)
 
@@ -127,7 +133,7 @@ def round_progress(total: int, done: int, enabled: bool = True) -> Iterator[Call
 
 def run_with_progress(coordinator: Coordinator, stop: threading.Event, progress: bool = True) -> list[RoundMetrics]:
     """Start, run every remaining round, close; one progress-bar step per round."""
-    coordinator.start()
+    coordinator.start(stop)
     try:
         with round_progress(coordinator.config.rounds, coordinator.completed_round, progress) as on_round:
             coordinator.on_round = on_round

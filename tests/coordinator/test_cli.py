@@ -385,3 +385,58 @@ def test_emulate_takes_a_broker_kind_or_url(capsys):
 def test_local_run_sizes_are_usage_errors(main, argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+# -- bounds on what clients send (issue 11) ------------------------------------------------
+
+
+def test_bound_options_reach_the_coordinator(tabular, tmp_path):
+    from coordinator.cli.wiring import build_coordinator
+    from edge_client.transport import InMemoryBroker, InMemoryTransport
+
+    clients = tmp_path / "clients.txt"
+    clients.write_text("# provisioned boards\npi-1\n\npi-2  # the greenhouse\n")
+    argv = ["--max-clients", "50", "--presence-rate", "4", "--clients-file", str(clients), "--max-examples", "900",
+            "--max-update-norm", "2.5", "--broker-outage-timeout", "42", "--out", str(tmp_path / "run")]  # fmt: skip
+    settings = coordinator_settings(*argv, model=str(tabular.model_path))
+    coordinator = build_coordinator(settings, lambda broker: InMemoryTransport(InMemoryBroker(), broker.client_id))
+    config = coordinator.config
+    assert (config.max_clients, config.presence_rate, config.max_examples, config.max_update_norm) == (50, 4, 900, 2.5)
+    assert config.allowed_clients == frozenset({"pi-1", "pi-2"}) and config.broker_outage_timeout == 42
+    assert (coordinator.engine.max_examples, coordinator.engine.max_update_norm) == (900, 2.5)
+    assert coordinator.presences.allowed == config.allowed_clients and coordinator.presences.max_clients == 50
+
+
+def test_bound_defaults_are_the_coordinators():
+    from coordinator.service import CoordinatorConfig
+
+    bounds = coordinator_settings().service.bounds
+    config = CoordinatorConfig(model_path="m.tflite")  # type: ignore[arg-type]
+    assert (bounds.max_clients, bounds.presence_rate, bounds.allowed_clients, bounds.max_examples) == (
+        config.max_clients,
+        config.presence_rate,
+        config.allowed_clients,
+        config.max_examples,
+    )
+    assert bounds.max_update_norm is config.max_update_norm is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "content", "message"),
+    [
+        (["--max-clients", "0"], None, "--max-clients, --presence-rate and --max-examples must be >= 1"),
+        (["--presence-rate", "-1"], None, "must be >= 1"),
+        (["--max-update-norm", "0"], None, "--max-update-norm must be a positive number"),
+        (["--max-update-norm", "nan"], None, "--max-update-norm must be a positive number"),
+        (["--clients-file", "{missing}"], None, "cannot read it"),
+        (["--clients-file", "{file}"], "pi-1\npi/2\n", "'pi/2' must be 1-64 characters"),
+        (["--clients-file", "{file}"], "# nobody\n", "lists no client id"),
+    ],
+)
+def test_bounds_that_cannot_work_are_usage_errors(argv, content, message, tmp_path, capsys):
+    path = tmp_path / "clients.txt"
+    if content is not None:
+        path.write_text(content)
+    argv = [a.format(missing=tmp_path / "none.txt", file=path) for a in argv]
+    assert coordinate.main(["--model", "missing.tflite", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -166,6 +166,59 @@ def test_only_selected_clients_are_taken_when_a_selection_is_given():
     assert open_.metrics.rejected_reasons == {"not_selected": 1}
 
 
+# -- hostile updates (issue 11): bounds the engine enforces after validate_frame -----------------
+
+
+def test_num_examples_is_capped_and_never_reaches_the_aggregation():
+    rounds = engine(Recording(), max_examples=1000)
+    open_ = rounds.open_round()
+    # 10**20 is within the JSON bounds (24 digits), so it reaches the engine, which refuses it.
+    for n in (10**20, 1001):
+        assert rounds.accept(encode_frame(update("c1", n=n)), "c1") == Ack(1, "rejected", "too_many_examples", RUN)
+    assert rounds.accept(update("c1", n=1000), "c1").status == "accepted"
+    assert open_.aggregation.count == 1 and open_.metrics.num_examples == 1000
+    assert open_.metrics.rejected_reasons == {"too_many_examples": 2}
+
+
+def test_an_update_may_not_claim_more_examples_than_its_client_reported():
+    rounds = engine()
+    open_ = rounds.open_round()
+    ack = rounds.accept(update("c1", n=11), "c1", selected={"c1"}, reported_examples=10)
+    assert ack == Ack(1, "rejected", "too_many_examples", RUN)
+    assert rounds.accept(update("c1", n=10), "c1", selected={"c1"}, reported_examples=10).status == "accepted"
+    assert open_.metrics.rejected_reasons == {"too_many_examples": 1} and open_.metrics.num_examples == 10
+
+
+def test_the_codec_must_be_one_the_round_announced():
+    rounds = engine()
+    open_ = rounds.open_round()
+    assert rounds.accept(update("c1", codec="float16"), "c1").status == "accepted"  # no codec announced: any
+    open_.codecs.add("float32")
+    assert rounds.accept(update("c2", codec="float16"), "c2") == Ack(1, "rejected", "wrong_codec", RUN)
+    assert rounds.accept(update("c2"), "c2").status == "accepted"
+    assert open_.metrics.rejected_reasons == {"wrong_codec": 1}
+
+
+def test_an_optional_norm_bound_refuses_larger_updates():
+    rounds = engine(max_update_norm=1.0)
+    open_ = rounds.open_round()
+    # update(delta) sets the three values (w: 2, b: 1) to delta: norm = delta * sqrt(3).
+    assert rounds.accept(update("c1", 0.6), "c1") == Ack(1, "rejected", "norm_too_large", RUN)
+    assert rounds.accept(update("c1", 0.5), "c1").status == "accepted"
+    assert open_.metrics.rejected_reasons == {"norm_too_large": 1}
+    assert engine().max_update_norm is None  # no bound by default
+
+
+def test_bounds_come_after_the_frame_checks_and_a_duplicate_stays_a_duplicate():
+    rounds = engine(max_update_norm=1.0)
+    open_ = rounds.open_round()
+    open_.codecs.add("float32")
+    stale = update("c1", 5.0, round_=0, codec="float16")  # stale, in the wrong codec and too large
+    assert rounds.accept(stale, "c1").reason == "stale_round"
+    rounds.accept(update("c1"), "c1")
+    assert rounds.accept(update("c1"), "c1", selected={"c2"}) == Ack(1, "duplicate", run=RUN)
+
+
 def test_an_update_between_rounds_is_stale_and_counted_nowhere():
     rounds = engine()
     ack = rounds.accept(update("c1", round_=1), "c1")

@@ -17,9 +17,9 @@ import pytest
 from coordinator.checkpoint import load_checkpoint
 from coordinator.errors import CoordinatorError
 from coordinator.metrics import read_jsonl
-from coordinator.service import Coordinator, CoordinatorConfig
+from coordinator.service import Coordinator, CoordinatorConfig, Presences
 from coordinator.strategies import FedAvg, RoundConfig
-from edge_client.chunks import Reassembler
+from edge_client.chunks import Reassembler, split
 from edge_client.frames import Frame, decode_frame, encode_frame
 from edge_client.messages import UNNAMED_RUN, Ack, ModelMeta, Presence, RoundAnnouncement, is_run_id
 from edge_client.model_file import sha256_hex
@@ -485,3 +485,239 @@ def test_an_overflowing_aggregate_keeps_the_global_model_and_the_run_goes_on(tab
     for got, start in zip(after_round_1, initial, strict=True):
         np.testing.assert_array_equal(got.array, start.array)
     assert all(np.isfinite(w.array).all() for w in running.coordinator.global_weights)
+
+
+# -- hostile input (issue 11): no message stops the coordinator --------------------------------
+
+DEEP = b'{"status": "online", "num_examples": ' + b"[" * 1500 + b"]" * 1500 + b"}"  # 3 KB: a RecursionError once
+LONG_INT = b'{"status": "online", "num_examples": ' + b"9" * 3000 + b"}"  # a ValueError in json.loads once
+HUGE_INT = b'{"status": "online", "num_examples": ' + b"9" * 5000 + b"}"  # over the 4 KiB a presence may have
+
+
+def _attacker(broker) -> InMemoryTransport:
+    attacker = InMemoryTransport(broker, "attacker")
+    attacker.connect()
+    return attacker
+
+
+def _fedavg(initial, deltas, counts):
+    return [
+        i.array + sum(n * d[k].array.astype(np.float64) for d, n in zip(deltas, counts, strict=True)) / sum(counts)
+        for k, i in enumerate(initial)
+    ]
+
+
+def test_junk_presence_retained_or_live_never_stops_the_coordinator(tabular, model_path, tmp_path):
+    broker = InMemoryBroker()
+    attacker = _attacker(broker)
+    junks = (DEEP, LONG_INT, HUGE_INT, b"\xff" * 10, b"[]")
+    for client, junk in zip(("junk-0", "junk-1", "junk-2", "junk-3", "junk-4"), junks, strict=True):
+        attacker.publish(TOPICS.presence(client), junk, retain=True)  # what a (re)started coordinator finds first
+    clients = [FakeClient(broker, f"pi-{i}") for i in range(2)]
+    running = Running(_coordinator(broker, model_path, tmp_path, FedAvg(min_fit=2, min_available=2)))
+    initial, deltas = running.coordinator.global_weights, [_delta(tabular, s) for s in range(2)]
+    attacker.publish(TOPICS.presence("pi-0"), DEEP)  # an honest client's topic: its state stays online
+    for client, delta in zip(clients, deltas, strict=True):
+        client.wait_for(lambda c=client: c.rounds)
+        client.send(_update(tabular, client.id, 1, delta, 10))
+    assert running.join() is None
+    metrics = running.coordinator.history[0]
+    assert metrics.presence_ignored == {"bad_json": 5, "too_large": 1} and metrics.clients_answered == 2
+    assert set(running.coordinator.online) == {"pi-0", "pi-1"}
+    for got, want in zip(running.coordinator.global_weights, _fedavg(initial, deltas, [10, 10]), strict=True):
+        np.testing.assert_allclose(got.array, want, rtol=1e-6, atol=1e-7)
+
+
+def test_updates_beyond_their_presence_or_in_another_codec_are_refused_and_honest_ones_count(
+    tabular, model_path, tmp_path
+):
+    broker = InMemoryBroker()
+    honest, mallory = FakeClient(broker, "pi-0", num_examples=50), FakeClient(broker, "pi-1", num_examples=10)
+    running = Running(_coordinator(broker, model_path, tmp_path, FedAvg(min_fit=1, min_available=2), round_timeout=3))
+    initial, delta = running.coordinator.global_weights, _delta(tabular, 3)
+    mallory.wait_for(lambda: mallory.rounds)
+    run = running.coordinator.run_id
+    for frame in (
+        _update(tabular, "pi-1", 1, delta, 11),  # one more than its presence said
+        _update(tabular, "pi-1", 1, delta, 10**20),  # within the JSON bounds, far beyond the cap
+        _update(tabular, "pi-1", 1, delta, 10, codec="float16"),  # the round asked for float32
+    ):
+        mallory.send(frame)
+    mallory.wait_for(lambda: len(mallory.acks) == 3)
+    honest.wait_for(lambda: honest.rounds)
+    honest.send(_update(tabular, "pi-0", 1, delta, 50))
+    assert running.join() is None
+    assert [a.reason for a in mallory.acks] == ["too_many_examples", "too_many_examples", "wrong_codec"]
+    assert all(a.status == "rejected" and a.run == run for a in mallory.acks)
+    metrics = running.coordinator.history[0]
+    assert metrics.rejected_reasons == {"too_many_examples": 2, "wrong_codec": 1}
+    assert metrics.clients_answered == 1 and metrics.num_examples == 50
+    for got, want in zip(running.coordinator.global_weights, _fedavg(initial, [delta], [50]), strict=True):
+        np.testing.assert_allclose(got.array, want, rtol=1e-6, atol=1e-7)
+
+
+def test_a_client_that_went_offline_is_bound_by_the_presence_it_was_selected_with(tabular, model_path, tmp_path):
+    broker = InMemoryBroker()
+    client = FakeClient(broker, "pi-0", num_examples=20)
+    running = Running(_coordinator(broker, model_path, tmp_path, FedAvg(min_fit=1, min_available=1)))
+    client.wait_for(lambda: client.rounds)
+    client.transport.publish(TOPICS.presence("pi-0"), b'{"status": "offline"}', retain=True)  # its Last Will
+    client.send(_update(tabular, "pi-0", 1, _delta(tabular, 1), 21))
+    client.wait_for(lambda: client.acks)
+    client.send(_update(tabular, "pi-0", 1, _delta(tabular, 1), 20))
+    assert running.join() is None
+    client.wait_for(lambda: len(client.acks) == 2)
+    assert [a.reason for a in client.acks] == ["too_many_examples", ""]
+    assert running.coordinator.history[0].num_examples == 20
+
+
+def test_a_junk_chunk_flood_from_one_client_does_not_make_the_others_too_busy(tabular, model_path, tmp_path):
+    broker = InMemoryBroker()
+    clients = [FakeClient(broker, f"pi-{i}") for i in range(2)]
+    coordinator = _coordinator(broker, model_path, tmp_path, FedAvg(min_fit=2, min_available=2))
+    frame_size = len(encode_frame(_update(tabular, "pi-0", 1, _delta(tabular, 0), 10)))
+    # Small bounds, so that a small flood exceeds the flooder's share: two updates per client, six in all.
+    coordinator._reassembler = Reassembler(max_payload=frame_size + 1024, max_pending=6 * frame_size)
+    running = Running(coordinator)
+    initial, deltas = coordinator.global_weights, [_delta(tabular, s) for s in range(2)]
+    flooder = _attacker(broker)
+    for client in clients:
+        client.wait_for(lambda c=client: c.rounds)
+    for n in range(3 * frame_size // SMALL_CHUNK):  # each a new transfer that never completes
+        junk = split(n.to_bytes(4, "little") * (frame_size // 4), SMALL_CHUNK)[0]
+        flooder.publish(TOPICS.update("mallory"), junk)
+    for client, delta in zip(clients, deltas, strict=True):
+        client.send(_update(tabular, client.id, 1, delta, 10))
+    assert running.join() is None
+    for client in clients:
+        client.wait_for(lambda c=client: c.acks)
+        assert [a.status for a in client.acks] == ["accepted"]
+    metrics = coordinator.history[0]
+    assert metrics.rejected_reasons["too_busy"] > 0 and metrics.clients_answered == 2
+    for got, want in zip(coordinator.global_weights, _fedavg(initial, deltas, [10, 10]), strict=True):
+        np.testing.assert_allclose(got.array, want, rtol=1e-6, atol=1e-7)
+
+
+def test_the_announcement_never_exceeds_the_payload_limit_however_many_are_selected(
+    tabular, model_path, tmp_path, caplog
+):
+    caplog.set_level(logging.WARNING, logger="coordinator.service")
+    broker = InMemoryBroker()
+    attacker = _attacker(broker)
+    fakes = [f"{i:04d}".ljust(64, "f") for i in range(2000)]  # 64-character ids: ~130 KB of announcement
+    for fake in fakes:
+        attacker.publish(TOPICS.presence(fake), Presence("online", 10).to_bytes(), retain=True)
+    clients = [FakeClient(broker, f"pi-{i}") for i in range(2)]
+    strategy = FedAvg(min_fit=1, min_available=len(fakes) + 2)
+    cfg = CoordinatorConfig(model_path=model_path, federation="test", rounds=1, round_timeout=1.0, poll_interval=0.02,
+                            checkpoint_dir=tmp_path / "ckpt")  # fmt: skip
+    transport = InMemoryTransport(broker, "coordinator")  # 128 KiB max_payload; the 96 KiB chunk is the limit
+    running = Running(Coordinator(cfg, transport, strategy))
+    watcher = InMemoryTransport(broker, "watcher")
+    watcher.connect()
+    watcher.subscribe(TOPICS.round)
+    sent, give_up = set(), time.monotonic() + 60
+    while running.thread.is_alive() and time.monotonic() < give_up:  # an honest client answers when asked
+        for client in clients:
+            client.pump(0.02)
+            if client.id not in sent and client.rounds and client.id in client.rounds[-1].selected:
+                client.send(_update(tabular, client.id, 1, _delta(tabular, 1), 10))
+                sent.add(client.id)
+    assert running.join() is None
+    announcements = []
+    while (message := watcher.receive(0)) is not None:
+        if message.payload:
+            assert len(message.payload) <= cfg.max_chunk
+            announcements.append(RoundAnnouncement.from_bytes(message.payload))
+    assert announcements and all(1000 < len(a.selected) < 1500 for a in announcements)
+    metrics = running.coordinator.history[0]
+    assert metrics.clients_unannounced > 500 and metrics.clients_answered == len(sent) >= 1
+    assert "would exceed the 98304-byte payload limit" in caplog.text
+
+
+ONLINE = Presence("online", 10).to_bytes()
+OFFLINE = b'{"status": "offline"}'
+
+
+def test_presence_beyond_max_clients_is_ignored_and_warned_about_once_a_minute(caplog):
+    now = [0.0]
+    presences = Presences(max_clients=3, rate=10, allowed=None, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="coordinator.service"):
+        whys = [presences.update(f"c{i}", ONLINE) for i in range(100)]
+        assert whys == [None] * 3 + ["over_max_clients"] * 97 and set(presences.online) == {"c0", "c1", "c2"}
+        assert presences.update("c0", Presence("online", 99).to_bytes()) is None  # a known client may change
+        assert presences.update("c1", OFFLINE) is None and presences.update("c5", ONLINE) is None  # room again
+        now[0] = 61.0
+        assert presences.update("c6", ONLINE) == "over_max_clients"
+    assert presences.online == {"c0": 99, "c2": 10, "c5": 10}
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and "raise --max-clients" in warnings[0]
+    assert "and 96 more ignored since the last such warning" in warnings[1]
+
+
+def test_a_flapping_presence_is_ignored_for_the_rest_of_the_minute_then_its_latest_state_applies():
+    now = [0.0]
+    presences = Presences(max_clients=10, rate=3, allowed=None, clock=lambda: now[0])
+    whys = [presences.update("flappy", OFFLINE if i % 2 else ONLINE) for i in range(6)]
+    assert whys == [None, None, None, "rate_limited", "rate_limited", "rate_limited"]
+    assert "flappy" in presences.online  # the third change (online) was the last one applied
+    assert presences.update("steady", ONLINE) is None  # other clients are not limited
+    now[0] = 59.0
+    presences.settle()
+    assert "flappy" in presences.online
+    now[0] = 60.0
+    presences.settle()  # the window ended: the latest state it sent (offline) applies
+    assert "flappy" not in presences.online and "steady" in presences.online
+    assert presences.update("flappy", ONLINE) is None  # a new window
+
+
+def test_with_a_list_of_clients_other_ids_are_ignored():
+    presences = Presences(max_clients=10, rate=10, allowed=frozenset({"pi-1"}), clock=lambda: 0.0)
+    assert presences.update("pi-1", ONLINE) is None
+    assert presences.update("intruder", ONLINE) == "not_listed"
+    assert presences.update("pi-1", b"") is None  # a cleared retained presence is offline
+    assert presences.online == {}
+
+
+def test_with_allowed_clients_unlisted_boards_are_never_selected(tabular, model_path, tmp_path):
+    broker = InMemoryBroker()
+    listed, intruder = FakeClient(broker, "pi-0"), FakeClient(broker, "intruder")
+    strategy = FedAvg(min_fit=1, min_available=1)
+    running = Running(_coordinator(broker, model_path, tmp_path, strategy, allowed_clients=frozenset({"pi-0"})))
+    listed.wait_for(lambda: listed.rounds)
+    assert listed.rounds[-1].selected == ("pi-0",)
+    intruder.wait_for(lambda: intruder.rounds)
+    intruder.send(_update(tabular, "intruder", 1, _delta(tabular, 1), 10))
+    intruder.wait_for(lambda: intruder.acks)
+    listed.send(_update(tabular, "pi-0", 1, _delta(tabular, 1), 10))
+    assert running.join() is None
+    assert [a.reason for a in intruder.acks] == ["not_selected"]
+    assert running.coordinator.history[0].presence_ignored == {"not_listed": 1}
+
+
+def test_a_coordinator_started_while_the_broker_is_down_waits_for_it(model_path, tmp_path):
+    broker = InMemoryBroker()
+    broker.stop()
+    coordinator = _coordinator(broker, model_path, tmp_path, broker_outage_timeout=30.0)
+    starting = threading.Thread(target=coordinator.start, daemon=True)
+    starting.start()
+    starting.join(0.5)
+    assert starting.is_alive(), "start() returned although the broker is down"
+    assert TOPICS.model_meta not in broker.retained
+    broker.start()
+    starting.join(15)
+    assert not starting.is_alive(), "start() did not connect once the broker was back"
+    assert TOPICS.model_meta in broker.retained  # the model is published: boards can join
+    coordinator.close()
+
+
+def test_a_coordinator_stopped_while_waiting_for_the_broker_runs_no_round(model_path, tmp_path):
+    broker = InMemoryBroker()
+    broker.stop()
+    coordinator = _coordinator(broker, model_path, tmp_path, broker_outage_timeout=30.0)
+    stop = threading.Event()
+    starting = threading.Thread(target=coordinator.start, args=(stop,), daemon=True)
+    starting.start()
+    stop.set()
+    starting.join(15)
+    assert not starting.is_alive() and coordinator.run(stop) == []

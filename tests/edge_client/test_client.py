@@ -15,9 +15,11 @@ import time
 import numpy as np
 import pytest
 
+from edge_client.broker_url import Backoff
 from edge_client.chunks import split
 from edge_client.client import EdgeClient, last_will
 from edge_client.config import ClientConfig, DataSourceConfig
+from edge_client.errors import BrokerUnavailable
 from edge_client.frames import Frame, decode_frame, encode_frame, validate_frame
 from edge_client.messages import ModelMeta, Presence, RoundAnnouncement
 from edge_client.model_file import sha256_hex
@@ -517,6 +519,49 @@ def test_restart_resends_the_pending_update_while_its_round_is_open(h):
     assert second.progress.acked_round == 3
 
 
+def test_an_acknowledged_update_survives_a_reboot_until_its_round_closes(h):
+    """A coordinator restarted mid-round lost the update it had accepted, and the board rebooted meanwhile."""
+    first = h.client(max_resends=5)
+    h.bootstrap(round=3, deadline=T0 + 1000)
+    h.pump(first, until=lambda: h.coordinator.updates)
+    per_send = len(h.coordinator.update_messages)
+    h.coordinator.ack(3, "accepted")
+    h.pump(first, until=lambda: first.progress.acked_round == 3)
+    state = h.tmp_path / "state"
+    assert first.progress.pending is None and first.progress.answered is not None
+    assert (state / "answered.bin").read_bytes() == h.coordinator.updates[0]
+    first.transport.drop()
+
+    second = h.client(max_resends=5)
+    h.pump(second)  # the announcement it answered, replayed: nothing new is asked
+    assert len(h.coordinator.update_messages) == per_send
+    h.coordinator.announce(3, deadline=T0 + 2000)  # the restarted coordinator asks again
+    h.pump(second, until=lambda: len(h.coordinator.update_messages) == 2 * per_send)
+    first_send, resend = _sends(h, per_send)
+    assert resend == first_send and second.progress.trained_round == 3, "the same bytes, not retrained"
+    h.coordinator.ack(3, "duplicate")
+    h.pump(second, until=lambda: second.rounds_completed == 1)
+    assert second.progress.answered is not None and (state / "answered.bin").is_file()
+    h.coordinator.publish_global(initial_weights(h.tabular), 4)  # round 3 has closed
+    h.pump(second, until=lambda: second.progress.answered is None)
+    assert not (state / "answered.bin").exists() and not (state / "pending.bin").exists()
+    h.coordinator.announce(3, deadline=T0 + 3000)
+    h.pump(second)
+    assert len(h.coordinator.update_messages) == 2 * per_send
+
+
+def test_an_announcement_of_a_later_round_drops_the_acknowledged_update(h):
+    client = h.client()
+    h.bootstrap(round=3, deadline=T0 + 1000)
+    h.pump(client, until=lambda: h.coordinator.updates)
+    h.coordinator.ack(3, "accepted")
+    h.pump(client, until=lambda: client.progress.answered is not None)
+    h.coordinator.announce(4, selected=("someone-else",), deadline=T0 + 2000)
+    h.pump(client, until=lambda: client.progress.answered is None)
+    assert not (h.tmp_path / "state" / "answered.bin").exists()
+    assert h.client().progress.answered is None, "durably"
+
+
 def test_restart_after_the_round_closed_sends_nothing(h):
     first = h.client()
     h.bootstrap(round=3, deadline=T0 + 50)
@@ -569,6 +614,59 @@ def test_presence_is_published_again_after_a_reconnection(h):
     client.step(0)
     h.coordinator.drain()
     assert h.coordinator.presence[CLIENT].status == "online"
+
+
+def test_presence_comes_back_with_every_connection_without_the_loop(h):
+    """A board busy training runs no step(): its transport says online (the birth message) by itself."""
+    client = h.client()
+    topic = Topics().presence(CLIENT)
+    h.broker.restart(persistent=False)  # Mosquitto without persistence: every retained message is gone
+    assert client.transport.reconnections == 1
+    assert h.broker.retained[topic].payload == Presence("online", NUM_EXAMPLES, "0.1.0").to_bytes()
+    client.transport.drop()  # the Last Will says offline...
+    assert Presence.from_bytes(h.broker.retained[topic].payload).status == "offline"
+    client.transport.connect()  # ... until the connection is back
+    assert Presence.from_bytes(h.broker.retained[topic].payload).status == "online"
+    client.close()
+    assert client.transport.birth is None, "a closed client is never announced online again"
+
+
+def test_a_board_that_boots_while_the_broker_is_down_waits_for_it(h, caplog):
+    import threading
+
+    config = make_config(h.tmp_path)
+    transport = InMemoryTransport(h.broker, config.client_id, will=last_will(config))
+    client = EdgeClient(config, transport, h.dataset, h.clock, backoff=Backoff(initial=0.01, maximum=0.05))
+    h.clients.append(client)
+    h.broker.stop()
+    stop = threading.Event()
+    with caplog.at_level(logging.WARNING, logger="edge_client"):
+        booting = threading.Thread(target=client.start, args=(stop,), daemon=True)
+        booting.start()
+        deadline = time.monotonic() + 10
+        while "retrying" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert booting.is_alive() and not client.transport.connected
+        h.broker.start()
+        booting.join(10)
+    assert not booting.is_alive() and client.transport.connected
+    lines = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(lines) == 1 and "down" in lines[0], "logged once (then once a minute), saying why"
+    assert Presence.from_bytes(h.broker.retained[Topics().presence(CLIENT)].payload).status == "online"
+    h.bootstrap(round=3, deadline=T0 + 1000)
+    h.pump(client, until=lambda: h.coordinator.updates)  # and it takes part as any board
+
+
+def test_a_board_stopped_while_waiting_for_the_broker_does_not_start(h):
+    import threading
+
+    h.broker.stop()
+    client = h.client(start=False)
+    stop = threading.Event()
+    stop.set()
+    assert client.run(stop) == 0 and not client.transport.connected
+    with pytest.raises(BrokerUnavailable):  # without a stop event one attempt is made, as before
+        client.start()
 
 
 def test_run_stops_after_max_rounds(h):
@@ -772,7 +870,9 @@ def test_an_already_trained_round_is_logged_once(h, caplog):
     h.pump(first, until=lambda: h.coordinator.updates)
     h.coordinator.ack(3, "accepted")
     h.pump(first, until=lambda: first.progress.acked_round == 3)
-    first.transport.drop()  # the acknowledged update is gone with the reboot
+    first.transport.drop()
+    # The acknowledged update survives a reboot (answered.bin); here the SD card lost it as well.
+    (h.tmp_path / "state" / "answered.bin").unlink()
     with caplog.at_level(logging.INFO, logger="edge_client"):
         second = h.client()
         for deadline in (T0 + 2000, T0 + 3000):  # asked again, twice

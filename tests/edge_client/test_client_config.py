@@ -292,7 +292,8 @@ def test_missing_data_file_exits_2(tmp_path):
     assert cli.main(argv, transport_factory=factory) == 2
 
 
-def test_unreachable_broker_exits_1(tmp_path):
+def test_a_broker_refusal_that_retrying_cannot_fix_exits_1(tmp_path):
+    """A BrokerUnavailable that is not BrokerDown (a refused id, a TLS or protocol mismatch) is final: exit 1."""
     np.savez(tmp_path / "d.npz", x=np.zeros((4, 8), np.float32), y=np.zeros(4, np.float32))
 
     class Unreachable(InMemoryTransport):

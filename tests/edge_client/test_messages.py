@@ -111,6 +111,37 @@ def test_bad_ack_presence_and_meta():
         ModelMeta.from_bytes(b'{"model_sha256": "x", "size": 0, "chunks": 1, "manifest": {}}')
 
 
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (b'{"status": "offline"}', Presence("offline")),  # the spec's Last Will
+        (b'{"status": "online", "num_examples": 600}', Presence("online", 600)),  # the spec's presence
+        (b'{"status": "online", "num_examples": 3, "version": "0.5.0", "extra": 1}', Presence("online", 3, "0.5.0")),
+    ],
+)
+def test_presence_needs_only_its_status(raw, expected):
+    assert Presence.from_bytes(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{}",
+        b'{"status": "online", "num_examples": -1}',
+        b'{"status": "online", "num_examples": true}',
+        b'{"status": "online", "num_examples": 1.5}',
+        b'{"status": "online", "version": null}',
+        b'{"status": "online", "num_examples": ' + b"9" * 5000 + b"}",  # a 5,000-digit integer
+        b'{"status": "online", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",  # nesting deeper than any parser
+    ],
+    ids=["no_status", "negative", "bool", "float", "null_version", "huge_int", "deep"],
+)
+def test_hostile_presence_is_bad_json(raw):
+    with pytest.raises(ProtocolError) as info:
+        Presence.from_bytes(raw)
+    assert info.value.reason == "bad_json"
+
+
 # -- validation that was the client's: a decoded message is valid by construction ------------
 
 

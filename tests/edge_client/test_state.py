@@ -14,6 +14,7 @@ from edge_client.errors import StateError
 from edge_client.frames import Frame, encode_frame
 from edge_client.model_file import sha256_hex
 from edge_client.state import (
+    ANSWERED_FILE,
     GLOBAL_FILE,
     MANIFEST_FILE,
     MODEL_FILE,
@@ -157,6 +158,62 @@ def test_progress_and_pending_round_trip(tmp_path, tabular):
     store.save_progress(done)
     assert store.load_progress() == done
     assert not (tmp_path / PENDING_FILE).exists()
+
+
+def test_an_acknowledged_update_is_kept_as_answered_until_its_round_closes(tmp_path, tabular):
+    store = StateStore(tmp_path)
+    sha = tabular.manifest.model_sha256
+    data = _update(tabular)
+    pending = _pending(data, 4, sha)
+    store.save_progress(Progress(sha, 4, 3, pending, RUN), data)
+    store.keep_pending_as_answered()
+    acked = Progress(sha, 4, 4, None, RUN, answered=dataclasses.replace(pending, deadline=1_700_000_123.25))
+    store.save_progress(acked)
+    assert not (tmp_path / PENDING_FILE).exists() and (tmp_path / ANSWERED_FILE).read_bytes() == data
+    assert store.load_progress() == acked, "the deadline it answered travels too"
+    assert store.load_answered(acked, tabular.manifest) == data
+    assert store.load_pending(acked, tabular.manifest) is None
+    store.keep_pending_as_answered()  # nothing left to rename: a no-op
+    store.save_progress(dataclasses.replace(acked, answered=None))  # a later round: its round has closed
+    assert not (tmp_path / ANSWERED_FILE).exists()
+
+
+def test_a_rename_cut_short_by_a_power_loss_loses_nothing(tmp_path, tabular):
+    store = StateStore(tmp_path)
+    sha = tabular.manifest.model_sha256
+    data = _update(tabular)
+    pending = Progress(sha, 4, 3, _pending(data, 4, sha), RUN)
+    store.save_progress(pending, data)
+    store.keep_pending_as_answered()  # ... and the power went before progress.json said "answered"
+    assert store.load_progress() == pending
+    assert store.load_pending(pending, tabular.manifest) == data, "found in answered.bin"
+    (tmp_path / ANSWERED_FILE).rename(tmp_path / PENDING_FILE)
+    answered = Progress(sha, 4, 4, None, RUN, answered=_pending(data, 4, sha))
+    assert store.load_answered(answered, tabular.manifest) == data, "found in pending.bin"
+
+
+def test_a_damaged_answered_record_is_ignored(tmp_path, tabular, caplog):
+    store = StateStore(tmp_path)
+    sha = tabular.manifest.model_sha256
+    data = _update(tabular)
+    answered = Progress(sha, 4, 4, None, RUN, answered=_pending(data, 4, sha))
+    with caplog.at_level(logging.WARNING, logger="edge_client.state"):
+        assert store.load_answered(answered, tabular.manifest) is None
+        assert "acknowledged update of round 4" in caplog.text and "missing" in caplog.text
+        (tmp_path / ANSWERED_FILE).write_bytes(data[:-1])
+        assert store.load_answered(answered, tabular.manifest) is None
+    obj = answered.to_json()
+    obj["answered"]["deadline"] = "soon"
+    (tmp_path / PROGRESS_FILE).write_text(json.dumps(obj))
+    assert store.load_progress() == Progress()
+
+
+def test_progress_of_version_2_has_no_answered_update(tmp_path, tabular):
+    store = StateStore(tmp_path)
+    obj = Progress(tabular.manifest.model_sha256, 2, 2, None, RUN).to_json()
+    obj.update(version=2, answered={"round": 2, "model_sha256": "x", "sha256": "y", "size": 1})
+    (tmp_path / PROGRESS_FILE).write_text(json.dumps(obj))
+    assert store.load_progress() == Progress(tabular.manifest.model_sha256, 2, 2, None, RUN)
 
 
 def test_pending_bytes_must_match_progress(tmp_path, tabular):

@@ -24,6 +24,7 @@ from edge_client.errors import (
 )
 from edge_client.mqtt import Backoff, BrokerUrl, MqttTransport, _refusal_error
 from edge_client.transport import (
+    BrokerDown,
     InMemoryBroker,
     InMemoryTransport,
     Message,
@@ -165,6 +166,39 @@ def test_closed_queue_still_hands_out_what_it_holds():
 def test_queue_size_must_be_positive():
     with pytest.raises(ValueError):
         MessageQueue(0)
+    with pytest.raises(ValueError):
+        MessageQueue(3, max_bytes=0)
+
+
+def test_the_queue_is_bounded_in_bytes_too_dropping_the_oldest(caplog):
+    queue = MessageQueue(100, max_bytes=250)
+    with caplog.at_level(logging.WARNING, logger="edge_client.transport"):
+        for i in range(5):
+            queue.put(Message("t", bytes([i]) * 100))
+    # 100 messages would fit by count; 250 bytes hold two of 100 bytes, so the three oldest went.
+    assert queue.dropped == 3 and len(queue) == 2 and queue.queued_bytes == 200
+    assert [queue.get(0).payload[0] for _ in range(2)] == [3, 4]
+    assert queue.queued_bytes == 0
+    warnings = [r.getMessage() for r in caplog.records if "dropped the oldest" in r.getMessage()]
+    assert len(warnings) == 2 and "250 bytes" in warnings[0] and "queue_bytes" in warnings[0]  # at drops 1 and 2
+
+
+def test_a_message_larger_than_the_byte_bound_is_dropped_itself():
+    queue = MessageQueue(10, max_bytes=100)
+    queue.put(_msg(1))
+    queue.put(Message("big", bytes(101)))
+    assert queue.dropped == 1 and [queue.get(0), queue.get(0)] == [_msg(1), None]
+
+
+def test_in_memory_transports_take_the_byte_bound(broker):
+    slow = InMemoryTransport(broker, "slow", queue_bytes=1000)
+    slow.connect()
+    slow.subscribe("t")
+    sender = InMemoryTransport(broker, "sender")
+    sender.connect()
+    for _ in range(5):
+        sender.publish("t", bytes(400))
+    assert slow.dropped_messages == 3
 
 
 # -- InMemoryBroker ------------------------------------------------------------------
@@ -265,6 +299,59 @@ def test_dropped_transport_reconnects_with_its_subscriptions_closed_one_cannot(b
     with pytest.raises(TransportError, match="closed"):
         client.connect()
     assert broker.client_ids == {"pub"}
+
+
+def test_the_birth_message_is_published_on_every_connection_and_reconnections_are_counted(broker):
+    watcher = _client(broker, "watcher", "presence/+")
+    will, birth = Message("presence/a", b"offline", retain=True), Message("presence/a", b"online", retain=True)
+    a = _client(broker, "a", will=will, birth=birth)
+    assert a.reconnections == 0 and _drain(watcher) == [Message("presence/a", b"online")]
+    a.drop()
+    a.connect()
+    assert a.reconnections == 1
+    assert _drain(watcher) == [Message("presence/a", b"offline"), Message("presence/a", b"online")]
+    a.birth = None  # from now on nothing is said on connecting
+    a.drop()
+    a.connect()
+    assert a.reconnections == 2 and _drain(watcher) == [Message("presence/a", b"offline")]
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_a_broker_restart_loses_every_connection_and_the_transports_reconnect(broker, persistent):
+    pub = _client(broker, "pub")
+    board = _client(broker, "board", "round", birth=Message("presence/board", b"online", retain=True))
+    board.will = Message("presence/board", b"offline", retain=True)
+    pub.publish("round", b"3", retain=True)
+    _drain(board)
+    broker.restart(persistent=persistent)
+    assert board.connected and pub.connected and board.reconnections == pub.reconnections == 1
+    # No will: the broker that would publish it went down. The birth said online again.
+    assert broker.retained.get("presence/board") == Message("presence/board", b"online", retain=True)
+    assert ("round" in broker.retained) is persistent
+    assert _drain(board) == ([Message("round", b"3", retain=True)] if persistent else [])
+    pub.publish("round", b"4")
+    assert _drain(board) == [Message("round", b"4")], "the subscriptions survive the restart"
+
+
+def test_a_stopped_broker_refuses_connections_and_publishes_until_it_starts(broker):
+    board = _client(broker, "board", "t")
+    gone = _client(broker, "gone")
+    late = InMemoryTransport(broker, "late")
+    broker.stop()
+    assert not broker.running and not board.connected and broker.client_ids == frozenset()
+    with pytest.raises(BrokerDown, match="down"):
+        late.connect()
+    assert isinstance(BrokerDown("x"), BrokerUnavailable)
+    with pytest.raises(PublishFailed):
+        board.publish("t", b"")
+    with pytest.raises(PublishFailed, match="down"):
+        broker.publish(Message("t", b""))
+    gone.close()  # closed while the broker was away: it stays closed
+    broker.start()
+    assert broker.running and broker.client_ids == {"board"} and board.reconnections == 1
+    late.connect()
+    late.publish("t", b"back")
+    assert _drain(board) == [Message("t", b"back")]
 
 
 def test_connecting_with_a_taken_client_id_takes_the_session_over(broker):

@@ -259,3 +259,29 @@ def test_a_restored_update_is_sent_as_the_original_chunks(clock, rec):
     second.tick(announce(3))
     assert rec.sends[1] == rec.sends[0], "same bytes, same transfer id"
     assert first.current is not None and first.current.chunks == rec.sends[0]
+
+
+def test_a_restored_answered_update_is_resent_only_for_a_new_announcement_of_its_round(clock, rec):
+    first = started(clock, rec)
+    first.on_ack(Ack(3, "accepted", run=RUN))
+    answered = first.answered
+    assert answered is not None and answered.deadline == LATER  # what the owner keeps on disk
+    second = uploader(clock, rec)
+    second.restore_answered(3, RUN, SHA, PAYLOAD, deadline=LATER)
+    second.announced(announce(3))  # the announcement it answered, replayed after a restart
+    assert second.current is None and second.answered is not None
+    again = announce(3, deadline=LATER + 1000)  # a restarted coordinator asks again
+    second.announced(again)
+    second.tick(again)
+    assert len(rec.sends) == 2 and rec.sends[1] == rec.sends[0], "the same update, not another"
+
+
+def test_a_later_round_forgets_the_answered_update(clock, rec):
+    up = started(clock, rec)
+    up.on_ack(Ack(3, "duplicate", run=RUN))
+    up.forget_answered_before(3)
+    assert up.answered is not None, "its own round is still open"
+    up.announced(announce(4, selected=("pi-2",)))
+    assert up.answered is None
+    up.announced(announce(3, deadline=LATER + 1000))
+    assert up.current is None and len(rec.sends) == 1

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.broker import EmbeddedBroker, find_mosquitto, free_port
-from edge_client.errors import BrokerAuthError, BrokerUnavailable, PayloadTooLarge, PublishFailed
+from edge_client.errors import BrokerAuthError, BrokerDown, BrokerUnavailable, PayloadTooLarge, PublishFailed
 from edge_client.mqtt import Backoff, BrokerUrl, MqttTransport
 from edge_client.transport import Message
 
@@ -244,6 +244,60 @@ def test_reconnects_and_resubscribes_after_the_broker_restarts(mqtt_client, pref
         assert collect(client, 1) == [Message(f"{prefix}/update", b"from pi")]
         client.close()  # before the broker goes: closing mid-backoff waits out paho's sleep slice
         other.close()
+
+
+def test_the_birth_message_comes_back_with_every_connection(mqtt_client, prefix):
+    """A board's presence after a broker restart: Mosquitto publishes the will as it shuts down, then forgets it."""
+    topic = f"{prefix}/presence/pi"
+    will, birth = Message(topic, b"offline", retain=True), Message(topic, b"online", retain=True)
+    first = EmbeddedBroker("mosquitto")
+    url = first.start()
+    port = first.port
+    backoff = Backoff(initial=0.05, maximum=0.2)
+    try:
+        watcher = mqtt_client(url, "watcher", backoff=backoff)
+        watcher.subscribe(f"{prefix}/presence/+")
+        pi = mqtt_client(url, "pi", will=will, birth=birth, backoff=backoff)
+        assert collect(watcher, 1) == [Message(topic, b"online")]
+    finally:
+        first.stop()
+    # The board never calls receive() (busy training): its transport answers by itself.
+    with EmbeddedBroker("mosquitto", port=port) as second:
+        assert pi.wait_connected(WAIT) and watcher.wait_connected(WAIT)
+        # Live, or replayed as retained if the watcher subscribed again only after pi's reconnection.
+        said = collect_until(watcher, topic)
+        while said[-1].payload == b"offline":  # the will, published as the first broker shut down
+            said = collect_until(watcher, topic)
+        assert said[-1].payload == b"online", "said online again after the reconnection"
+        late = mqtt_client(second.url, "late")
+        late.subscribe(topic)
+        assert collect(late, 1) == [Message(topic, b"online", retain=True)]
+        late.publish(topic, b"", retain=True)
+        for transport in (pi, watcher, late):
+            transport.close()  # before the broker goes: closing mid-backoff waits out paho's sleep slice
+
+
+def test_a_first_connection_can_be_retried_until_the_broker_is_up(mqtt_client, prefix):
+    port = free_port()
+    topic = f"{prefix}/presence/pi"
+    pi = MqttTransport(f"mqtt://127.0.0.1:{port}", "pi", birth=Message(topic, b"online", retain=True))
+    pi.subscribe(f"{prefix}/round")
+    try:
+        for _ in range(2):  # a board that boots before its broker
+            with pytest.raises(BrokerDown, match="cannot reach"):
+                pi.connect(timeout=2)
+        with EmbeddedBroker("mosquitto", port=port) as broker:
+            pi.connect(timeout=5)
+            assert pi.connected and pi.reconnections == 0
+            other = mqtt_client(broker.url, "coordinator")
+            other.subscribe(topic)
+            assert collect(other, 1) == [Message(topic, b"online", retain=True)]
+            other.publish(f"{prefix}/round", b"3")
+            assert collect(pi, 1) == [Message(f"{prefix}/round", b"3")], "subscribed as asked before connecting"
+            pi.close()
+            other.close()
+    finally:
+        pi.close()
 
 
 def _wait_disconnected(client: MqttTransport) -> bool:
