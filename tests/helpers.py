@@ -119,3 +119,13 @@ def modules_loaded_by(code: str, prefixes: tuple[str, ...]) -> list[str]:
     script = f"import sys\n{code}\nprint(sorted(m for m in sys.modules if m.startswith({prefixes!r})))\n"
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1].replace("'", '"'))
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL if ``process`` is still there after ``timeout`` seconds; reaped either way."""
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout)

@@ -18,6 +18,7 @@ from coordinator.broker import EmbeddedBroker, find_mosquitto, free_port
 from edge_client.errors import BrokerAuthError, BrokerDown, BrokerUnavailable, PayloadTooLarge, PublishFailed
 from edge_client.mqtt import Backoff, BrokerUrl, MqttTransport
 from edge_client.transport import Message
+from tests.helpers import stop_process
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -362,12 +363,7 @@ def tls_broker(tmp_path_factory) -> Iterator[tuple[str, Path]]:
             pytest.fail(f"the TLS mosquitto did not start:\n{(certs / 'mosquitto.out').read_text()}")
         yield f"mqtts://127.0.0.1:{port}", certs
     finally:
-        broker.terminate()
-        try:
-            broker.wait(5)
-        except subprocess.TimeoutExpired:
-            broker.kill()
-            broker.wait(5)
+        stop_process(broker)
 
 
 def test_mutual_tls_round_trip(tls_broker, mqtt_client, prefix):

@@ -33,7 +33,7 @@ from edge_client.config import load_config
 from edge_client.errors import BrokerAuthError, BrokerUnavailable, SubscribeFailed
 from edge_client.mqtt import BrokerUrl, MqttTransport
 from edge_client.topics import Topics
-from tests.helpers import REPO_ROOT, separable_binary_data
+from tests.helpers import REPO_ROOT, separable_binary_data, stop_process
 from tests.integration.test_mqtt import collect_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -91,12 +91,7 @@ def _mosquitto(out: Path) -> Iterator[None]:
             time.sleep(0.02)
         yield
     finally:
-        broker.terminate()
-        try:
-            broker.wait(5)
-        except subprocess.TimeoutExpired:
-            broker.kill()
-            broker.wait(5)
+        stop_process(broker)
 
 
 @pytest.fixture(scope="module")
