@@ -28,19 +28,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 from coordinator.checkpoint import ServerState, load_checkpoint, save_checkpoint
 from coordinator.errors import AggregationError, CoordinatorError
 from coordinator.metrics import RoundMetrics, append_jsonl
 from coordinator.strategies import Aggregation, ClientUpdate, Strategy
 from coordinator.strategies.aggregate import finish_or_keep
+from coordinator.strategies.dp import update_norm
 from edge_client.errors import ProtocolError, WeightsError
 from edge_client.frames import Frame, decode_frame, encode_frame, validate_frame
 from edge_client.messages import Ack, is_run_id
@@ -242,8 +240,7 @@ class RoundEngine:
         """``norm_too_large`` if the update's L2 norm (all tensors as one vector) exceeds ``max_update_norm``."""
         if self.max_update_norm is None:
             return
-        # In float64: the squares of large float32 values overflow float32 to inf.
-        norm = math.sqrt(sum(float(np.dot(a.ravel().astype(np.float64), a.ravel())) for _, a in frame.tensors))
+        norm = update_norm(frame.tensors)  # float64: squares of large float32 values would overflow to inf
         if not norm <= self.max_update_norm:
             raise ProtocolError(NORM_TOO_LARGE, f"update norm {norm:.4g} exceeds the limit of {self.max_update_norm:g}")
 

@@ -136,8 +136,12 @@ class Progress:
 def _update_json(update: PendingUpdate | None) -> dict[str, Any] | None:
     if update is None:
         return None
-    out: dict[str, Any] = {"round": update.round, "model_sha256": update.model_sha256, "sha256": update.sha256}
-    out["size"] = update.size
+    out: dict[str, Any] = {
+        "round": update.round,
+        "model_sha256": update.model_sha256,
+        "sha256": update.sha256,
+        "size": update.size,
+    }
     if update.deadline is not None:
         out["deadline"] = update.deadline
     return out
