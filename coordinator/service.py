@@ -36,7 +36,6 @@ import logging
 import math
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,16 +45,17 @@ import numpy as np
 from coordinator.checkpoint import ServerState
 from coordinator.errors import CoordinatorError
 from coordinator.metrics import RoundMetrics
+from coordinator.outage import BrokerOutage
+from coordinator.presence import Presences
 from coordinator.rounds import DEFAULT_MAX_EXAMPLES, OpenRound, RoundEngine
 from coordinator.strategies import Strategy
-from edge_client.broker_url import Backoff
 from edge_client.chunks import DEFAULT_MAX_CHUNK, Reassembler, split
-from edge_client.errors import BrokerDown, ProtocolError, PublishFailed
+from edge_client.errors import ProtocolError
 from edge_client.frames import decode_frame
 from edge_client.manifest import Manifest, load_manifest, manifest_path_for
-from edge_client.messages import Ack, ModelMeta, Presence, RoundAnnouncement, new_run_id
+from edge_client.messages import Ack, ModelMeta, RoundAnnouncement, new_run_id
 from edge_client.model_file import sha256_hex
-from edge_client.reasons import CLIENT_MISMATCH, TOO_LARGE
+from edge_client.reasons import CLIENT_MISMATCH
 from edge_client.runtime import TrainableModel
 from edge_client.topics import Topics
 from edge_client.transport import Message, Transport
@@ -100,73 +100,6 @@ class CoordinatorConfig:
         norm = self.max_update_norm
         if norm is not None and not (math.isfinite(norm) and norm > 0):
             raise CoordinatorError(f"max_update_norm must be a positive number or None, got {norm}")
-
-
-OUTAGE_LOG_INTERVAL = 60.0  # seconds between two "the broker is still away" lines
-OUTAGE_BACKOFF = Backoff(initial=0.25, maximum=5.0)  # between two tries (MqttTransport waits ack_timeout in each)
-
-
-class BrokerOutage:
-    """Carries the coordinator's publishes through broker outages, up to ``timeout`` seconds each.
-
-    A publish that fails because the broker is away (:class:`PublishFailed`)
-    is tried again, with backoff, until it goes through: logged once, then
-    once a minute. After ``timeout`` seconds of failures it raises
-    :class:`CoordinatorError` naming the broker; once :attr:`stop` is set it
-    gives up at once (the caller's loop stops too). :attr:`outages` counts the
-    outages ridden out and the transport's reconnections, so that a round can
-    tell whether the broker was away during an attempt.
-    """
-
-    def __init__(self, transport: Transport, timeout: float):
-        self.transport, self.timeout = transport, timeout
-        self.broker = str(getattr(transport, "url", "the broker"))
-        self.stop: threading.Event | None = None
-        self.outages = 0
-        self._reconnections = transport.reconnections
-
-    def reconnected(self) -> bool:
-        """True once for each reconnection of the transport since the last call: the retained state may be gone."""
-        seen, self._reconnections = self._reconnections, self.transport.reconnections
-        if seen == self._reconnections:
-            return False
-        self.outages += 1
-        return True
-
-    def send(self, what: str, action: Callable[[], None]) -> bool:
-        """Run ``action`` (``what`` names it), retrying while the broker is away; False if stopped first."""
-        started, logged, attempt = None, 0.0, 0
-        while True:
-            try:
-                action()
-            except (PublishFailed, BrokerDown) as exc:  # BrokerDown: connecting while it is away
-                now = time.monotonic()
-                if started is None:
-                    started = logged = now
-                    log.warning("%s failed: %s. Retrying while the broker at %s is away, for up to %.0f s "
-                                "(--broker-outage-timeout)", what, exc, self.broker, self.timeout)  # fmt: skip
-                elif now - logged >= OUTAGE_LOG_INTERVAL:
-                    logged = now
-                    log.warning("the broker at %s has been away for %.0f s; still retrying", self.broker, now - started)
-                if now - started >= self.timeout:
-                    raise CoordinatorError(
-                        f"the MQTT broker at {self.broker} has been unreachable for {now - started:.0f} s "
-                        f"(--broker-outage-timeout {self.timeout:g}); check that it runs and that this host reaches "
-                        "it, then start the coordinator again: it resumes from its checkpoint"
-                    ) from exc
-                if self.stop is not None and self.stop.is_set():
-                    log.warning("stopping while the broker at %s is away: %s was not done", self.broker, what)
-                    return False
-                delay, attempt = OUTAGE_BACKOFF.delay(attempt), attempt + 1
-                if self.stop is None:
-                    time.sleep(delay)
-                else:
-                    self.stop.wait(delay)
-                continue
-            if started is not None:
-                self.outages += 1
-                log.warning("the broker at %s is back after %.0f s", self.broker, time.monotonic() - started)
-            return True
 
 
 class Coordinator:
@@ -544,99 +477,3 @@ def fit_announcement(announcement: RoundAnnouncement, order: Sequence[str], limi
         count -= 1
         fitted = dataclasses.replace(announcement, selected=tuple(sorted(order[:count])))
     return fitted
-
-
-# Why a presence message was ignored (RoundMetrics.presence_ignored); a malformed one counts under its reason.
-NOT_LISTED = "not_listed"
-OVER_MAX_CLIENTS = "over_max_clients"
-RATE_LIMITED = "rate_limited"
-MAX_PRESENCE_BYTES = 4096  # a board's presence is under 100 bytes
-PRESENCE_WINDOW = 60.0  # seconds: the rate limit's window, and the least time between two warnings of one kind
-_WHAT_TO_DO = {
-    NOT_LISTED: "it is not in --clients-file; add it there to let it join",
-    OVER_MAX_CLIENTS: "{max_clients} clients are online already; raise --max-clients for a larger fleet",
-    RATE_LIMITED: "it changed more than {rate} times in a minute; ignored for the rest of the minute (--presence-rate)",
-}
-
-
-class Presences:
-    """Who is online, with the examples each reported, from presence messages within bounds.
-
-    No presence can stop the coordinator or grow it without bound. A
-    malformed one (at most :data:`MAX_PRESENCE_BYTES`) is ignored and counted
-    under its reason; with ``allowed`` ids, any other id is ignored
-    (``not_listed``); at most ``max_clients`` clients are online, a new one
-    beyond that is ignored (``over_max_clients``); and a client whose presence
-    changes more than ``rate`` times within a minute is ignored for the rest
-    of that minute (``rate_limited``), after which its latest state applies.
-    Ignored messages are logged once a minute per kind, with how many there
-    were, never once per message.
-    """
-
-    def __init__(self, max_clients: int, rate: int, allowed: frozenset[str] | None, clock: Callable[[], float]):
-        self.max_clients, self.rate, self.allowed = max_clients, rate, allowed
-        self.online: dict[str, int] = {}  # client id -> examples it reported
-        self._clock = clock
-        # client -> [window start, presence changes in it]; ordered by window start (a new window is re-inserted)
-        self._windows: dict[str, list[float]] = {}
-        self._deferred: dict[str, Presence] = {}  # the latest state of a rate-limited client
-        self._unreported: Counter[str] = Counter()  # ignored since the last warning of their kind
-        self._warned: dict[str, float] = {}
-
-    def update(self, client: str, payload: bytes) -> str | None:
-        """Take one presence message of ``client`` (empty: retained presence cleared); why it was ignored, or None."""
-        why, detail = self._take(client, payload)
-        if why is not None:
-            self._warn(why, client, detail)
-        return why
-
-    def settle(self) -> None:
-        """Apply the latest state of the clients whose rate-limit window has ended."""
-        now = self._clock()
-        while self._windows:
-            client, (start, _) = next(iter(self._windows.items()))
-            if now - start < PRESENCE_WINDOW:
-                return
-            del self._windows[client]
-            if (presence := self._deferred.pop(client, None)) is not None:
-                self._apply(client, presence)
-
-    def _take(self, client: str, payload: bytes) -> tuple[str | None, str]:
-        if self.allowed is not None and client not in self.allowed:
-            return NOT_LISTED, ""
-        if len(payload) > MAX_PRESENCE_BYTES:
-            return TOO_LARGE, f"{len(payload)} bytes, more than {MAX_PRESENCE_BYTES}"
-        try:
-            presence = Presence.from_bytes(payload) if payload else Presence("offline")
-        except ProtocolError as exc:
-            return exc.reason, str(exc)
-        self.settle()
-        if client not in self._windows and len(self._windows) >= 2 * self.max_clients:
-            return OVER_MAX_CLIENTS, ""  # that many clients changed presence within a minute: not tracking more
-        window = self._windows.setdefault(client, [self._clock(), 0])
-        window[1] += 1
-        if window[1] > self.rate:
-            self._deferred[client] = presence
-            return RATE_LIMITED, ""
-        return self._apply(client, presence), ""
-
-    def _apply(self, client: str, presence: Presence) -> str | None:
-        if presence.status != "online":
-            self.online.pop(client, None)
-        elif client in self.online or len(self.online) < self.max_clients:
-            self.online[client] = presence.num_examples
-        else:
-            return OVER_MAX_CLIENTS
-        return None
-
-    def _warn(self, why: str, client: str, detail: str) -> None:
-        self._unreported[why] += 1
-        now = self._clock()
-        if now - self._warned.get(why, -math.inf) < PRESENCE_WINDOW:
-            return
-        count, self._warned[why] = self._unreported.pop(why), now
-        hint = _WHAT_TO_DO.get(why, "malformed: {detail}").format(
-            max_clients=self.max_clients, rate=self.rate, detail=detail
-        )
-        more = f" (and {count - 1} more ignored since the last such warning)" if count > 1 else ""
-        log.warning("presence of %s ignored (%s): %s%s", client, why, hint, more)

@@ -17,7 +17,8 @@ import pytest
 from coordinator.checkpoint import load_checkpoint
 from coordinator.errors import CoordinatorError
 from coordinator.metrics import read_jsonl
-from coordinator.service import Coordinator, CoordinatorConfig, Presences
+from coordinator.presence import Presences
+from coordinator.service import Coordinator, CoordinatorConfig
 from coordinator.strategies import FedAvg, RoundConfig
 from edge_client.chunks import Reassembler, split
 from edge_client.frames import Frame, decode_frame, encode_frame
