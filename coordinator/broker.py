@@ -3,6 +3,8 @@
 :class:`EmbeddedBroker` runs mosquitto as a subprocess with a generated
 configuration, or amqtt in a background thread with its own asyncio loop.
 Either way it listens on 127.0.0.1 only, on a free port unless told one.
+Mosquitto can also serve a fleet's configuration from ``litefed-provision``
+(TLS, client certificates, the topic ACL), its listener moved to that address.
 ``litefed-broker`` (:func:`main`) runs one from the command line, on the MQTT
 default port 1883 unless told another.
 
@@ -19,6 +21,7 @@ import ctypes
 import errno
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -51,6 +54,7 @@ TEMPDIR_PREFIX = "litefed-mosquitto-"
 MOSQUITTO_FALLBACK = Path("/usr/sbin/mosquitto")  # Debian's package installs it outside a user's PATH
 _PORT_ATTEMPTS = 3  # a free port can be taken between choosing and binding it: retry that race
 _LOG_TAIL_LINES = 20
+_LISTENER = re.compile(r"(?m)^listener [0-9]+[^\n]*$")
 
 
 class EmbeddedBrokerError(CoordinatorError):
@@ -102,19 +106,39 @@ class EmbeddedBroker:
     ``kind="auto"`` uses mosquitto when its binary is installed, else amqtt.
     ``port=0`` picks a free port. ``allow_anonymous=False`` makes a broker that
     refuses clients without credentials (mosquitto, having no password file,
-    then refuses every client), to exercise the refusal path. Use as a context
-    manager, or call :meth:`start` and :meth:`stop`.
+    then refuses every client), to exercise the refusal path.
+
+    ``tls_config`` is a ``mosquitto.conf`` written by ``litefed-provision``:
+    mosquitto serves it as written (the fleet's CA and server certificate, a
+    client certificate required, its CN the user name, the ACL), but for its
+    one listener, moved to ``host:port``; :attr:`url` is then ``mqtts://``
+    and ``allow_anonymous`` is the configuration's (false). Mosquitto only:
+    amqtt has no client-certificate identities. Use as a context manager, or
+    call :meth:`start` and :meth:`stop`.
     """
 
-    def __init__(self, kind: str = "auto", host: str = "127.0.0.1", port: int = 0, *, allow_anonymous: bool = True):
+    def __init__(
+        self,
+        kind: str = "auto",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        allow_anonymous: bool = True,
+        tls_config: Path | None = None,
+    ):
         if kind not in KINDS:
             raise ValueError(f"broker kind must be one of {KINDS}, got {kind!r}")
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be in 0..65535 (0 picks a free one), got {port}")
+        if tls_config is not None and kind == "amqtt":
+            raise ValueError(
+                "amqtt cannot serve a provisioned mosquitto.conf (client certificates, ACL); use mosquitto"
+            )
         self.requested_kind = kind
         self.host = host
         self.requested_port = port
         self.allow_anonymous = allow_anonymous
+        self.tls_config = tls_config
         self.kind: str | None = None  # resolved by start()
         self.port: int | None = None
         self._process: subprocess.Popen | None = None
@@ -138,10 +162,10 @@ class EmbeddedBroker:
 
     @property
     def url(self) -> str:
-        """``mqtt://HOST:PORT`` of the running broker."""
+        """``mqtt://HOST:PORT`` of the running broker (``mqtts://`` with a ``tls_config``)."""
         if self.port is None:
             raise EmbeddedBrokerError("the embedded broker is not running; call start() first")
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtt' if self.tls_config is None else 'mqtts'}://{self.host}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -155,7 +179,7 @@ class EmbeddedBroker:
             raise EmbeddedBrokerError(f"{self!r} is already running; stop() it first")
         kind = self.requested_kind
         if kind == "auto":
-            kind = "mosquitto" if find_mosquitto() else "amqtt"
+            kind = "mosquitto" if find_mosquitto() or self.tls_config is not None else "amqtt"
             log.info("embedded broker: using %s", kind)
         starter = self._start_mosquitto if kind == "mosquitto" else self._start_amqtt
         attempts = 1 if self.requested_port else _PORT_ATTEMPTS
@@ -211,7 +235,11 @@ class EmbeddedBroker:
         self._tempdir = Path(tempfile.mkdtemp(prefix=TEMPDIR_PREFIX))
         config = self._tempdir / "mosquitto.conf"
         log_file = self._tempdir / "mosquitto.log"
-        config.write_text(_mosquitto_config(self.host, port, log_file, self.allow_anonymous), encoding="utf-8")
+        if self.tls_config is None:
+            text = _mosquitto_config(self.host, port, log_file, self.allow_anonymous)
+        else:
+            text = _provisioned_config(self.tls_config, self.host, port, log_file)
+        config.write_text(text, encoding="utf-8")
         output = (self._tempdir / "mosquitto.out").open("wb")
         try:
             # A session of its own: Ctrl+C in a terminal reaches only us, and we stop mosquitto in order.
@@ -406,23 +434,47 @@ def _mosquitto_config(host: str, port: int, log_file: Path, allow_anonymous: boo
             "# Generated by litefed (coordinator/broker.py) for an embedded broker.",
             f"listener {port} {host}",
             f"allow_anonymous {'true' if allow_anonymous else 'false'}",
-            "persistence false",
-            # At the end of a round every client's update arrives at once; mosquitto's default
-            # (1000) could drop QoS 1 messages queued for a busy coordinator. Same bound as the
-            # clients' own receive queue.
-            f"max_queued_messages {DEFAULT_QUEUE_SIZE}",
-            "set_tcp_nodelay true",
-            # Started as root, mosquitto would switch to user "mosquitto", which cannot write its
-            # log into our private temp dir; an embedded broker runs as whoever started it.
-            *(["user root"] if _is_root() else []),
-            f"log_dest file {log_file}",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
-            "log_type information",
-            "",
+            *_embedded_settings(log_file),
         ]
     )
+
+
+def _provisioned_config(path: Path, host: str, port: int, log_file: Path) -> str:
+    """litefed-provision's ``mosquitto.conf`` at ``path``, its one listener on ``host:port``, with our settings."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EmbeddedBrokerError(f"cannot read the broker configuration {path} ({exc}); provision it again") from None
+    listeners = _LISTENER.findall(text)
+    if len(listeners) != 1:
+        raise EmbeddedBrokerError(
+            f"{path} has {len(listeners)} listeners; an embedded broker serves one: provision without --passwords"
+        )
+    moved = _LISTENER.sub(f"listener {port} {host}", text)
+    header = f"# litefed (coordinator/broker.py): {path}, its listener moved to {host}:{port}."
+    # General settings: with per_listener_settings false they may follow the listener's.
+    return "\n".join([header, moved, "# The embedded broker's own settings.", *_embedded_settings(log_file)])
+
+
+def _embedded_settings(log_file: Path) -> list[str]:
+    """What every embedded mosquitto sets: no persistence, its queue bound, its log in ``log_file``."""
+    return [
+        "persistence false",
+        # At the end of a round every client's update arrives at once; mosquitto's default
+        # (1000) could drop QoS 1 messages queued for a busy coordinator. Same bound as the
+        # clients' own receive queue.
+        f"max_queued_messages {DEFAULT_QUEUE_SIZE}",
+        "set_tcp_nodelay true",
+        # Started as root, mosquitto would switch to user "mosquitto", which cannot write its
+        # log into our private temp dir; an embedded broker runs as whoever started it.
+        *(["user root"] if _is_root() else []),
+        f"log_dest file {log_file}",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "log_type information",
+        "",
+    ]
 
 
 # -- command line ----------------------------------------------------------------------

@@ -25,6 +25,9 @@ during which it was away does not count, and after every reconnection the
 retained state (model, global weights, announcement) is published again, as a
 broker restarted without persistence has lost it (docs/protocol.md, "Recovery").
 
+With a :class:`~edge_client.signing.SigningKey` what boards download is
+signed; the :class:`~coordinator.publisher.Publisher` writes it.
+
 The service knows MQTT only through a :class:`~edge_client.transport.Transport`,
 so tests drive it over an in-memory broker exactly as it runs over Mosquitto.
 """
@@ -47,16 +50,18 @@ from coordinator.errors import CoordinatorError
 from coordinator.metrics import RoundMetrics
 from coordinator.outage import BrokerOutage
 from coordinator.presence import Presences
+from coordinator.publisher import Publisher
 from coordinator.rounds import DEFAULT_MAX_EXAMPLES, OpenRound, RoundEngine
 from coordinator.strategies import Strategy
-from edge_client.chunks import DEFAULT_MAX_CHUNK, Reassembler, split
+from edge_client.chunks import DEFAULT_MAX_CHUNK, Reassembler
 from edge_client.errors import ProtocolError
 from edge_client.frames import decode_frame
 from edge_client.manifest import Manifest, load_manifest, manifest_path_for
-from edge_client.messages import Ack, ModelMeta, RoundAnnouncement, new_run_id
+from edge_client.messages import RoundAnnouncement, new_run_id
 from edge_client.model_file import sha256_hex
 from edge_client.reasons import CLIENT_MISMATCH
 from edge_client.runtime import TrainableModel
+from edge_client.signing import SigningKey
 from edge_client.topics import Topics
 from edge_client.transport import Message, Transport
 from edge_client.weights import Weights
@@ -103,7 +108,7 @@ class CoordinatorConfig:
 
 
 class Coordinator:
-    """Runs ``config.rounds`` rounds of ``strategy`` over ``transport``."""
+    """Runs ``config.rounds`` rounds of ``strategy`` over ``transport``; signs what it publishes with ``signer``."""
 
     def __init__(
         self,
@@ -112,6 +117,8 @@ class Coordinator:
         strategy: Strategy,
         clock: Callable[[], float] = time.time,
         on_round: Callable[[RoundMetrics], None] | None = None,
+        *,
+        signer: SigningKey | None = None,
     ):
         self.config, self.transport, self.strategy = config, transport, strategy
         self._clock = clock
@@ -140,12 +147,9 @@ class Coordinator:
         self._selected: set[str] = set()  # asked for an update in the open round, by any attempt
         self._reported: dict[str, int] = {}  # examples the clients selected this round reported when selected
         self._deadline = 0.0  # of the open round's latest attempt
-        self._published_chunks: dict[str, int] = {}
-        self._bytes_in = self._bytes_out = 0
+        self._bytes_in = 0
         self._outage = BrokerOutage(transport, config.broker_outage_timeout)
-        # What is retained, to publish again after a reconnection (the broker may have lost it).
-        self._announcement = b""
-        self._global_published = False
+        self.publisher = Publisher(transport, self.topics, self._outage, config.max_chunk, signer)
 
     # -- the run, as the engine has it ----------------------------------------------
     @property
@@ -191,11 +195,12 @@ class Coordinator:
             return
         # Clear the retained announcement first: until this run announces its own round, a board
         # must not find a round of another run (or a closed one of this run) there.
-        self._publish(self.topics.round, b"", retain=True)
+        self.publisher.clear_round()
         self.transport.subscribe(self.topics.presences)
         self.transport.subscribe(self.topics.updates)
-        count = self._publish_model()
+        count = self.publisher.model(self.model, self.model_sha256, self.manifest)
         log.info("published model %s (%d bytes, %d chunks)", self.model_sha256[:12], len(self.model), count)
+        self.publisher.describe_signing()
         log.info("%s run %s", "resuming" if resumed else "starting", self.run_id)
 
     def run(self, stop: threading.Event | None = None) -> list[RoundMetrics]:
@@ -211,21 +216,25 @@ class Coordinator:
                 break
             ran.append(metrics)
         else:
-            self._publish_global()  # the model after the last round: boards keep it
+            self.publish_global()  # the model after the last round: boards keep it
         return ran
 
     def close(self) -> None:
         self.transport.close()
+
+    def publish_global(self) -> None:
+        """Publish the global frame the next round starts from (retained: late boards find it)."""
+        self.publisher.global_frame(self.engine.global_frame)
 
     # -- one round ------------------------------------------------------------
     def run_round(self, number: int, stop: threading.Event) -> RoundMetrics | None:
         """Run round ``number`` (the one after the last completed); its metrics, or None if stopped."""
         if number != self.completed_round + 1:
             raise CoordinatorError(f"round {number} cannot run after round {self.completed_round}; run rounds in order")
-        bytes_in, bytes_out = self._bytes_in, self._bytes_out
+        bytes_in, bytes_out = self._bytes_in, self.publisher.bytes_out
         open_ = self.engine.open_round()
         self._selected, self._deadline, self._reported = set(), 0.0, {}
-        self._publish_global()
+        self.publish_global()
         attempt = 0
         while attempt < self.config.max_attempts:
             attempt += 1
@@ -260,7 +269,7 @@ class Coordinator:
                 f"fewer than min_fit={self.strategy.min_fit}; check that enough clients are online and fast enough "
                 "for --round-timeout"
             )
-        return self.engine.finish_round(self._bytes_in - bytes_in, self._bytes_out - bytes_out)
+        return self.engine.finish_round(self._bytes_in - bytes_in, self.publisher.bytes_out - bytes_out)
 
     def _announce(self, open_: OpenRound, attempt: int) -> None:
         self._drain()  # select from the freshest presence state
@@ -285,12 +294,12 @@ class Coordinator:
             self.run_id,
         )
         asked = len(announcement.selected)
-        announcement = within_limit(announcement, min(self.transport.max_payload, self.config.max_chunk), self._rng)
+        announcement = within_limit(announcement, self.publisher.announcement_limit, self._rng)
         open_.metrics.clients_unannounced += asked - len(announcement.selected)
         self._selected |= set(announcement.selected)
         self._reported |= {c: self.online[c] for c in announcement.selected if c in self.online}
         open_.metrics.clients_selected = len(self._selected)
-        self._publish(self.topics.round, announcement.to_bytes(), retain=True)
+        self.publisher.announce(announcement.to_bytes())
         if attempt == 1:
             log.info("round %d: selected %d of %d online clients", open_.number, len(chosen), len(self.online))
         else:
@@ -346,7 +355,7 @@ class Coordinator:
 
     def _poll(self, timeout: float) -> bool:
         """Handle at most one message; False if none came within ``timeout``."""
-        self._republish_after_reconnection()
+        self.publisher.republish()
         message = self.transport.receive(timeout=max(timeout, 0.0))
         if message is None:
             return False
@@ -382,61 +391,15 @@ class Coordinator:
                     CLIENT_MISMATCH, f"update on {client}'s topic claims to be from {frame.client_id!r}"
                 )
         except ProtocolError as exc:
-            self._ack(client, self.engine.refuse(client, exc, frame))
+            self.publisher.ack(client, self.engine.refuse(client, exc, frame))
             return
         # What it reports now if it is online, else what it reported when selected (its Last Will says nothing).
         reported = self.online.get(client, self._reported.get(client))
         ack = self.engine.accept(frame, client, selected=self._selected, reported_examples=reported)
-        self._ack(client, ack)
+        self.publisher.ack(client, ack)
         if ack.status == "accepted" and (open_ := self.engine.current) is not None:
             log.debug("round %d: update from %s accepted (%d/%d)", open_.number, client, len(open_.accepted),
                       len(self._selected))  # fmt: skip
-
-    # -- publishing -----------------------------------------------------------
-    def _ack(self, client: str, ack: Ack) -> None:
-        self._publish(self.topics.ack(client), ack.to_bytes())
-
-    def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        """Publish, riding out a broker outage (see :class:`BrokerOutage`)."""
-        what = f"publishing on {topic}"
-        if not self._outage.send(what, lambda: self.transport.publish(topic, payload, retain=retain)):
-            return
-        self._bytes_out += len(payload)
-        if topic == self.topics.round:
-            self._announcement = payload
-
-    def _publish_model(self) -> int:
-        """Publish the model's chunks, then its meta (retained); the number of chunks."""
-        count = self._publish_chunked("model", self.topics.model_chunk, self.model)
-        meta = ModelMeta(self.model_sha256, len(self.model), count, self.manifest.to_json())
-        self._publish(self.topics.model_meta, meta.to_bytes(), retain=True)
-        return count
-
-    def _publish_global(self) -> None:
-        """Publish the global weights that start the next round (retained: late boards find them)."""
-        self._publish_chunked("global", self.topics.global_chunk, self.engine.global_frame)
-        self._global_published = True
-
-    def _republish_after_reconnection(self) -> None:
-        """After a reconnection publish every retained topic again: a broker restarted without persistence lost them."""
-        while self._outage.reconnected():
-            log.warning("reconnected to the broker: publishing the model, the global weights and the round again")
-            self._publish_model()
-            if self._global_published:
-                self._publish_global()
-            self._publish(self.topics.round, self._announcement, retain=True)
-
-    def _publish_chunked(self, family: str, topic_for: Callable[[int], str], payload: bytes) -> int:
-        """Publish ``payload`` as retained chunks; clear retained chunks left from a longer payload."""
-        chunks = split(payload, self.config.max_chunk)
-        stale = range(len(chunks), self._published_chunks.get(family, 0))
-        messages = [Message(topic_for(i), chunk, retain=True) for i, chunk in enumerate(chunks)]
-        messages += [Message(topic_for(i), b"", retain=True) for i in stale]
-        if not self._outage.send(f"publishing the {family}", lambda: self.transport.publish_many(messages)):
-            return len(chunks)
-        self._bytes_out += sum(len(m.payload) for m in messages)
-        self._published_chunks[family] = len(chunks)
-        return len(chunks)
 
 
 def within_limit(announcement: RoundAnnouncement, limit: int, rng: np.random.Generator) -> RoundAnnouncement:

@@ -23,7 +23,7 @@ from edge_client.cli_support import (
     setup_logging,
 )
 from edge_client.config import DATA_KINDS, ClientConfig, load_config, parse_data_spec
-from edge_client.errors import BrokerUrlError, ConfigError, DataError, EdgeClientError, StateError
+from edge_client.errors import BrokerUrlError, ConfigError, DataError, EdgeClientError, KeyFileError, StateError
 from edge_client.transport import BOARD_QUEUE_BYTES, Message, Transport
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ example config file (client.toml); only client_id and [data] are required:
   max_resends = 5
   # num_threads = 2                   # LiteRT threads;  seed = 17  # shuffling seed
   # ca_file = "ca.pem"                # mqtts only; cert_file + key_file for mutual TLS
+  # trust_key = "coordinator.pub"     # accept only models, weights and rounds the coordinator signed
 
   [data]
   kind = "npz"                        # {" | ".join(DATA_KINDS)}
@@ -87,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--x-key", metavar="NAME", help="npz data: the inputs' array (default 'x', else 'x_train')")
     p.add_argument("--y-key", metavar="NAME", help="npz data: the labels' array (default 'y', else 'y_train')")
     p.add_argument("--state-dir", type=Path, metavar="DIR", help="where the model, weights and progress are kept")
+    p.add_argument(
+        "--trust-key",
+        type=Path,
+        metavar="FILE.pem",
+        help="the coordinator's public key: accept only what it signed (litefed-provision writes coordinator.pub)",
+    )
     add_verbose_argument(p)
     return p
 
@@ -98,6 +105,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "client_id": args.client_id,
         "federation": args.federation,
         "state_dir": args.state_dir,
+        "trust_key": args.trust_key,
     }
     data: dict[str, Any] = parse_data_spec(args.data) if args.data is not None else {}
     data.update({k: v for k, v in (("x_key", args.x_key), ("y_key", args.y_key)) if v is not None})
@@ -145,7 +153,7 @@ def _run(config: ClientConfig, signals: StopSignals, transport_factory: Callable
         try:
             client = EdgeClient(config, transport_factory(config, last_will(config)))
             client.start(signals.stop)  # a broker that is down is retried until it answers (or a stop)
-        except (BrokerUrlError, DataError, StateError, ConfigError) as exc:
+        except (BrokerUrlError, DataError, StateError, ConfigError, KeyFileError) as exc:
             log.error("%s", exc)
             return EXIT_USAGE
         client.run(signals.stop)

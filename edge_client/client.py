@@ -32,6 +32,12 @@ One :class:`EdgeClient` follows the protocol of docs/protocol.md:
    directory until a later round (or another run) shows that its round has
    closed: a coordinator restarted meanwhile asks for it again.
 
+Given ``config.trust_key`` (the coordinator's public key), the model meta,
+the global frames and the announcements are accepted only in envelopes the
+coordinator signed, and never older than the newest of their kind already
+accepted (:class:`~edge_client.trust.Verifier`); acks need no signature, as
+an ack only stops resends.
+
 Everything from the wire is untrusted: a malformed message is logged with its
 :class:`ProtocolError` reason, counted in :attr:`EdgeClient.rejected` and
 otherwise ignored; nothing received makes :meth:`~EdgeClient.step` raise.
@@ -75,6 +81,7 @@ from edge_client.rounds import LogOnce, Rounds
 from edge_client.runtime import TrainableModel
 from edge_client.state import Progress, StateStore
 from edge_client.transport import Message, Transport
+from edge_client.trust import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +131,8 @@ class EdgeClient:
         ignore = LogOnce()
         hooks = SyncHooks(self._model_installed, self._global_arrived, self._global_kept)
         load = functools.partial(TrainableModel, num_threads=config.num_threads)
-        self.sync = ModelSync(self.store, load, hooks, rejected=self.rejected, ignore=ignore)
+        self.verifier = Verifier.from_path(config.trust_key, self.store)
+        self.sync = ModelSync(self.store, load, hooks, rejected=self.rejected, ignore=ignore, verifier=self.verifier)
         self.rounds = Rounds(config, clock, self.store, self.sync, self._publish_update, ignore)
         self._raw_data: Dataset | None = dataset
         self._dataset_given = dataset is not None
@@ -329,7 +337,7 @@ class EdgeClient:
         elif topic.startswith("global/chunk/"):
             self.sync.on_global_chunk(payload)
         elif topic == "round":
-            self.rounds.on_round(RoundAnnouncement.from_bytes(payload))
+            self.rounds.on_round(RoundAnnouncement.from_bytes(self.verifier.open("round", payload)))
         elif topic == f"ack/{self.client_id}":
             self.rounds.uploads.on_ack(Ack.from_bytes(payload))
         else:

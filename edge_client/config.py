@@ -15,6 +15,7 @@ Example ``client.toml`` (only ``client_id`` and ``[data]`` are required)::
     # ca_file = "ca.pem"                 # TLS (mqtts:// only): CA bundle of the broker
     # cert_file = "pi-17.crt"            # mutual TLS: client certificate and key, both or neither
     # key_file = "pi-17.key"
+    # trust_key = "coordinator.pub"      # the coordinator's public key: accept only what it signed
 
     [data]
     kind = "npz"                         # "npz", "images" or "csv"
@@ -169,6 +170,7 @@ class ClientConfig:
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    trust_key: Path | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -204,6 +206,8 @@ class ClientConfig:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, _check_path(name, value))
+        if self.trust_key is not None:
+            object.__setattr__(self, "trust_key", _check_path("trust_key", self.trust_key))
         problem = url.tls_files_problem(ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file)
         if problem is not None:
             raise _fail(*problem)
@@ -237,7 +241,7 @@ def parse_data_spec(text: str) -> dict[str, str]:
 
 
 _TOP_KEYS = tuple(f.name for f in fields(ClientConfig))
-_PATH_KEYS = ("state_dir", "ca_file", "cert_file", "key_file")
+_PATH_KEYS = ("state_dir", "ca_file", "cert_file", "key_file", "trust_key")
 _DATA_KEYS = tuple(f.name for f in fields(DataSourceConfig))
 
 

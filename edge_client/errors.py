@@ -111,3 +111,7 @@ class ConfigError(EdgeClientError):
 
 class StateError(EdgeClientError):
     """The client's state directory cannot be created or written."""
+
+
+class KeyFileError(EdgeClientError):
+    """A signing or trust key file is missing, unreadable or not an Ed25519 key in PEM."""

@@ -5,13 +5,17 @@ installs the model that ``model/meta`` announces (checked by SHA-256 and
 size, stored, loaded) and keeps the global frame of the highest round. The
 retained messages may arrive in any order: a complete model not (yet)
 announced, and global weights of a model not (yet) installed, wait until their
-counterpart arrives. What the rest of the client must do about a new model or
+counterpart arrives. In a signed federation the model meta and each global
+frame arrive in the coordinator's signed envelope, which the
+:class:`~edge_client.trust.Verifier` opens (the model itself is covered by
+the SHA-256 in the signed meta). What the rest of the client must do about a new model or
 new global weights (abandon an old update, join a new run, fit the data) it
 does in the :class:`SyncHooks` it gives.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -26,6 +30,7 @@ from edge_client.messages import ModelMeta
 from edge_client.model_file import sha256_hex
 from edge_client.reasons import BAD_MODEL, STALE_ROUND, TOO_LARGE, WRONG_KIND
 from edge_client.state import StateStore
+from edge_client.trust import Verifier
 from edge_client.uploads import Ignore, log_every_time
 
 log = logging.getLogger(__name__)
@@ -62,6 +67,7 @@ class ModelSync:
     :class:`~edge_client.runtime.TrainableModel` in the client; anything in
     tests). ``rejected`` counts global weights refused after waiting for their
     model; other refusals raise :class:`ProtocolError` to the caller.
+    ``verifier`` opens signed envelopes (default: an unsigned federation).
     """
 
     def __init__(
@@ -73,8 +79,10 @@ class ModelSync:
         rejected: Counter[str] | None = None,
         ignore: Ignore = log_every_time,
         max_pending: int = MAX_PENDING_TRANSFER_BYTES,
+        verifier: Verifier | None = None,
     ):
         self.store = store
+        self.verifier = verifier or Verifier(None)
         self.load_model = load_model
         self.hooks = hooks or SyncHooks()
         self.rejected: Counter[str] = Counter() if rejected is None else rejected
@@ -101,14 +109,14 @@ class ModelSync:
                 log.warning("ignoring the stored model: %s", exc)
         if self.manifest is None:
             return
-        stored_global = self.store.load_global(self.manifest)
+        stored_global = self.store.load_global(self.manifest, functools.partial(self.verifier.open_stored, "global"))
         if stored_global is not None:
             data, frame = stored_global
             self.global_frame, self._global_transfer = frame, transfer_id_for(data)
 
     # -- model -------------------------------------------------------------------------
     def on_model_meta(self, payload: bytes) -> None:
-        meta = ModelMeta.from_bytes(payload)
+        meta = ModelMeta.from_bytes(self.verifier.open("model_meta", payload))
         if meta.model_sha256 == self.model_sha256:
             self.meta = meta
             return
@@ -188,7 +196,7 @@ class ModelSync:
         data = self.reassembler.add(payload, "global")
         if data is None:
             return
-        frame = decode_frame(data)
+        frame = decode_frame(self.verifier.open("global", data))
         if frame.kind != "global":
             raise ProtocolError(WRONG_KIND, f"expected a 'global' frame on global/chunk, got {frame.kind!r}")
         self._offer_global(data, frame)

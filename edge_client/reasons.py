@@ -49,6 +49,7 @@ DUPLICATE = "duplicate"  # already accepted this round: an ack status, not a rej
 UNSIGNED = "unsigned"  # not a signed envelope, or an unknown envelope version
 UNKNOWN_KEY = "unknown_key"  # signed by a key this board does not trust
 BAD_SIGNATURE = "bad_signature"  # tampered or forged
+REPLAYED = "replayed"  # signed, but older than the newest message of its kind the board accepted
 
 # -- simulator metrics: a virtual client that sent nothing ---------------------------------------
 DIVERGED = "diverged"  # local training produced NaN/Inf
@@ -88,6 +89,7 @@ REASONS: tuple[str, ...] = (
     UNSIGNED,
     UNKNOWN_KEY,
     BAD_SIGNATURE,
+    REPLAYED,
     DIVERGED,
     NO_UPDATE,
     # hostile input (part R)

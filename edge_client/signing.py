@@ -4,15 +4,18 @@ The coordinator holds a private :class:`SigningKey`; boards are provisioned
 with its public half, a :class:`TrustKey`. What boards act on (the model meta,
 each global frame, each round announcement) is published as an envelope::
 
-    b"LFSG" | version (1 byte) | key id (8 bytes) | Ed25519 signature (64 bytes) | body
+    b"LFSG" | version (1 byte) | key id (8 bytes) | issued (u64 LE, ms) | Ed25519 signature (64 bytes) | body
 
-The signature covers ``b"litefed-signed-v1\\0" + kind + b"\\0" + body``: the
-``kind`` (``model_meta``, ``global``, ``round``) is the domain, so a signed
-announcement cannot be replayed as a model meta or a global frame. The key id
-is the first 8 bytes of the SHA-256 of the raw public key; it names which key
-signed, so an operator can rotate keys. Replays of an older message of the
-same kind are the protocol's to refuse (run ids, rounds and deadlines, which
-the signed body carries).
+The signature covers ``b"litefed-signed-v1\\0" + kind + b"\\0" + issued + body``:
+the ``kind`` (``model_meta``, ``global``, ``round``) is the domain, so a signed
+announcement cannot be replayed as a model meta or a global frame. ``issued``
+is when the coordinator sealed it (Unix milliseconds, by the coordinator's
+clock, never decreasing within one process): a board refuses a message of a
+kind older than the newest of that kind it accepted (see
+:mod:`edge_client.trust`), so an old signed message replayed from the broker,
+of an earlier round or another run, is never acted on. The key id is the first
+8 bytes of the SHA-256 of the raw public key; it names which key signed, so an
+operator can rotate keys.
 
 :meth:`TrustKey.open` checks the envelope before anything parses the body and
 raises only :class:`~edge_client.errors.ProtocolError`, with the reasons
@@ -24,6 +27,8 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,25 +37,35 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge_client.durable import atomic_write
-from edge_client.errors import EdgeClientError, ProtocolError
+from edge_client.errors import KeyFileError, ProtocolError
 from edge_client.reasons import BAD_SIGNATURE, UNKNOWN_KEY, UNSIGNED
 
 MAGIC = b"LFSG"
 VERSION = 1
 KINDS = ("model_meta", "global", "round")
-_HEADER = struct.Struct("<4sB8s64s")  # magic, version, key id, signature
-HEADER_SIZE = _HEADER.size  # 77 bytes in front of the body
+_HEADER = struct.Struct("<4sB8sQ64s")  # magic, version, key id, issued (ms), signature
+HEADER_SIZE = _HEADER.size  # 85 bytes in front of the body
+_ISSUED = struct.Struct("<Q")
 _DOMAIN = b"litefed-signed-v1\0"
 
 
-class KeyFileError(EdgeClientError):
-    """A signing or trust key file is missing, unreadable or not an Ed25519 key in PEM."""
-
-
-def _signed_message(kind: str, body: bytes) -> bytes:
+def _signed_message(kind: str, issued: int, body: bytes) -> bytes:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    return _DOMAIN + kind.encode() + b"\0" + body
+    return _DOMAIN + kind.encode() + b"\0" + _ISSUED.pack(issued) + body
+
+
+def is_envelope(payload: bytes) -> bool:
+    """Whether ``payload`` claims to be a signed envelope (it starts with the magic); nothing is checked."""
+    return payload[:4] == MAGIC
+
+
+@dataclass(frozen=True)
+class Signed:
+    """An opened envelope: the body, and when the coordinator sealed it (Unix milliseconds)."""
+
+    body: bytes
+    issued: int
 
 
 def _key_id(public: Ed25519PublicKey) -> bytes:
@@ -68,11 +83,11 @@ class TrustKey:
     def key_id(self) -> str:
         return _key_id(self.public).hex()
 
-    def open(self, kind: str, envelope: bytes) -> bytes:
-        """The body of ``envelope`` if this key signed it as ``kind``; else ``ProtocolError``."""
+    def open(self, kind: str, envelope: bytes) -> Signed:
+        """The body of ``envelope`` and its issue time, if this key signed it as ``kind``; else ``ProtocolError``."""
         if len(envelope) < HEADER_SIZE or envelope[:4] != MAGIC:
             raise ProtocolError(UNSIGNED, f"{kind} is not signed: boards accept only what the coordinator signed")
-        magic, version, key_id, signature = _HEADER.unpack_from(envelope)
+        magic, version, key_id, issued, signature = _HEADER.unpack_from(envelope)
         if version != VERSION:
             raise ProtocolError(UNSIGNED, f"{kind}: signature format version {version}, this board knows {VERSION}")
         if key_id != _key_id(self.public):
@@ -83,14 +98,17 @@ class TrustKey:
             )
         body = envelope[HEADER_SIZE:]
         try:
-            self.public.verify(signature, _signed_message(kind, body))
+            self.public.verify(signature, _signed_message(kind, issued, body))
         except InvalidSignature:
             raise ProtocolError(BAD_SIGNATURE, f"{kind}: the signature does not match (tampered or forged)") from None
-        return body
+        return Signed(body, issued)
+
+    def pem(self) -> bytes:
+        """The key as a PEM ``PUBLIC KEY`` (SubjectPublicKeyInfo), as boards are provisioned with it."""
+        return self.public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
     def save(self, path: Path) -> None:
-        pem = self.public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        atomic_write(Path(path), pem)
+        atomic_write(Path(path), self.pem())
 
     @classmethod
     def load(cls, path: Path) -> TrustKey:
@@ -105,11 +123,17 @@ class TrustKey:
         return cls(public)
 
 
-@dataclass(frozen=True)
 class SigningKey:
-    """The coordinator's private key: seals what it publishes into signed envelopes."""
+    """The coordinator's private key: seals what it publishes into signed envelopes.
 
-    private: Ed25519PrivateKey
+    Issue times never decrease within one key object (a clock stepped back by
+    NTP does not make later messages look older than earlier ones).
+    """
+
+    def __init__(self, private: Ed25519PrivateKey):
+        self.private = private
+        self._last_issued = 0
+        self._lock = threading.Lock()
 
     @classmethod
     def generate(cls) -> SigningKey:
@@ -120,10 +144,17 @@ class SigningKey:
         """The public half, for the boards."""
         return TrustKey(self.private.public_key())
 
-    def seal(self, kind: str, body: bytes) -> bytes:
-        """``body`` in an envelope signed as ``kind``."""
-        signature = self.private.sign(_signed_message(kind, body))
-        return _HEADER.pack(MAGIC, VERSION, _key_id(self.private.public_key()), signature) + body
+    def seal(self, kind: str, body: bytes, issued: int | None = None) -> bytes:
+        """``body`` in an envelope signed as ``kind``, issued now (or at ``issued``, Unix milliseconds)."""
+        if issued is None:
+            issued = self._now()
+        signature = self.private.sign(_signed_message(kind, issued, body))
+        return _HEADER.pack(MAGIC, VERSION, _key_id(self.private.public_key()), issued, signature) + body
+
+    def _now(self) -> int:
+        with self._lock:
+            self._last_issued = max(int(time.time() * 1000), self._last_issued)
+            return self._last_issued
 
     def save(self, path: Path) -> None:
         """Write the key as unencrypted PKCS#8 PEM, readable by its owner only (mode 0600)."""

@@ -4,11 +4,12 @@ Layout of the state directory::
 
     model.tflite    the last model received (its SHA-256 is the manifest's model_sha256)
     model.json      its manifest, as carried by ModelMeta
-    global.bin      the last global-weights frame, raw frame bytes (CRC-checked)
+    global.bin      the last global-weights frame, raw frame bytes (CRC-checked), in its signed envelope if signed
     pending.bin     the encoded update frame awaiting an ack, raw frame bytes
     answered.bin    the last acknowledged update (pending.bin renamed), kept until its round is known closed
     progress.json   the run followed, rounds trained and acknowledged in it, which update files are current
     residuals.npz   error-feedback residuals of a lossy update codec (per tensor, float32)
+    issued.json     the newest issue time accepted per kind of signed message (replays older than it are refused)
 
 Every file is written atomically: a temporary file in the same directory,
 ``fsync``, ``os.replace`` and an ``fsync`` of the directory. A board that
@@ -30,6 +31,7 @@ import logging
 import math
 import os
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,7 @@ PENDING_FILE = "pending.bin"
 ANSWERED_FILE = "answered.bin"
 PROGRESS_FILE = "progress.json"
 RESIDUALS_FILE = "residuals.npz"
+ISSUED_FILE = "issued.json"  # the newest issue time accepted per signed kind (edge_client.trust)
 _RESIDUAL_PREFIX = "tensor:"
 PROGRESS_VERSION = 3  # 2 added "run" (a version-1 file reads as belonging to no run), 3 "answered"
 _PROGRESS_VERSIONS = (1, 2, PROGRESS_VERSION)
@@ -266,17 +269,41 @@ class StateStore:
             return None
         return StoredModel(model, manifest_json, manifest, digest)
 
+    # -- signed messages -------------------------------------------------------------
+    def save_issued(self, issued: dict[str, int]) -> None:
+        self._write(ISSUED_FILE, json.dumps(issued, sort_keys=True).encode())
+
+    def load_issued(self) -> dict[str, int]:
+        """issued.json: kind -> the newest issue time accepted; empty if missing or damaged."""
+        raw = self._read(ISSUED_FILE)
+        if raw is None:
+            return {}
+        try:
+            data = json.loads(raw.decode("utf-8"))
+            if isinstance(data, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in data.values()):
+                return {str(k): int(v) for k, v in data.items()}
+        except (UnicodeDecodeError, ValueError):
+            pass
+        log.warning("ignoring %s: damaged; older signed messages may be accepted once", self.path(ISSUED_FILE))
+        return {}
+
     # -- global weights --------------------------------------------------------------
     def save_global(self, frame_bytes: bytes) -> None:
         self._write(GLOBAL_FILE, frame_bytes)
 
-    def load_global(self, manifest: Manifest | None = None) -> tuple[bytes, Frame] | None:
-        """The stored global frame, decoded and (given the manifest) validated against the model."""
+    def load_global(
+        self, manifest: Manifest | None = None, unwrap: Callable[[bytes], bytes] | None = None
+    ) -> tuple[bytes, Frame] | None:
+        """The stored global frame, decoded and (given the manifest) validated against the model.
+
+        ``unwrap`` opens the stored bytes into the frame (a signed envelope, as
+        received, is stored as it is); it raises ``ProtocolError`` to refuse them.
+        """
         data = self._read(GLOBAL_FILE)
         if data is None:
             return None
         try:
-            frame = decode_frame(data)
+            frame = decode_frame(data if unwrap is None else unwrap(data))
             if manifest is not None:
                 validate_frame(frame, manifest.weights, manifest.model_sha256, "global")
             elif frame.kind != "global":

@@ -45,6 +45,7 @@ from edge_client.frames import Frame, decode_frame, encode_frame, validate_frame
 from edge_client.messages import Ack, ModelMeta, Presence, RoundAnnouncement
 from edge_client.reasons import BAD_JSON
 from edge_client.signing import SigningKey
+from edge_client.trust import Verifier
 from edge_client.weights import NamedArray, TensorSpec
 from edge_client.wire_json import loads_bounded
 
@@ -52,6 +53,7 @@ RUN = "0123456789abcdef"
 SHA = "ab" * 32
 SPECS = (TensorSpec("dense/kernel", (6, 4), "float32"), TensorSpec("dense/bias", (4,), "float32"))
 KEY = SigningKey.generate()
+VERIFIER = Verifier(KEY.trust_key)  # in memory: the replay rule without a state directory
 CHUNK = 256  # small chunks: a frame is several, so their cross-checks are exercised
 _CHUNK_SEP = b"\n--chunk--\n"  # a chunk-list input is its chunks joined by this; mutations may hit it too
 HOSTILE_JSON = ["[" * 5000 + "]" * 5000, "9" * 5000, "1e999", "NaN", "-Infinity", "true", "null", '"x"', "[]", "{}"]
@@ -188,14 +190,24 @@ def _decode_chunks(data: bytes, reassembler: Reassembler) -> None:
             _decode_frame(result)
 
 
+_BODY_DECODERS: dict[str, Callable[[bytes], object]] = {
+    "round": RoundAnnouncement.from_bytes,
+    "global": decode_frame,
+    "model_meta": ModelMeta.from_bytes,
+}
+
+
 def _decode_envelope(data: bytes) -> None:
-    for kind in ("round", "global", "model_meta"):
+    """What a board does with a signed message: the verifier (replay rule included), then the body's decoder."""
+    error: ProtocolError | None = None
+    for kind, decode in _BODY_DECODERS.items():
         try:
-            KEY.trust_key.open(kind, data)
+            decode(VERIFIER.open(kind, data))
             return
-        except ProtocolError:
-            pass
-    KEY.trust_key.open("round", data)
+        except ProtocolError as exc:
+            error = exc
+    assert error is not None
+    raise error
 
 
 def fuzz(inputs: int, seed: int = 0, progress: Callable[[int], None] | None = None) -> Report:

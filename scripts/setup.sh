@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one set-up command.
 #
-#   scripts/setup.sh          install litefed with every runtime extra:  pip install -e '.[all]'
-#   scripts/setup.sh --dev    also what the tests need: mosquitto, openssl and qemu-user-static (apt-get),
+#   scripts/setup.sh          install litefed with every runtime extra:  pip install -e '.[all]', and
+#                             mosquitto (apt-get), the broker litefed-emulate runs its secured fleet on
+#   scripts/setup.sh --dev    also what the tests need: openssl and qemu-user-static (apt-get),
 #                             '.[dev]', and the cached arm64 userland of tests/arm64 (scripts/arm64_userland.sh)
 #
 # Uses ${PYTHON:-python3}. Idempotent: re-running it only re-checks what is installed.
@@ -34,14 +35,14 @@ have() {
     esac
 }
 
-install_test_tools() {
+install_tools() {
     local missing=()
-    for tool in mosquitto openssl qemu-user-static; do
+    for tool in "$@"; do
         if have "$tool"; then say "$tool: present"; else missing+=("$tool"); fi
     done
     [ "${#missing[@]}" -eq 0 ] && return 0
     local manual="install ${missing[*]} by hand (Debian/Ubuntu: apt-get install ${missing[*]}; macOS: brew install ${missing[*]});"
-    manual="$manual the integration tests fail without them"
+    manual="$manual without mosquitto litefed-emulate runs insecure on amqtt, and the integration tests fail"
     if ! command -v apt-get >/dev/null 2>&1; then
         say "no apt-get; $manual"
         return 0
@@ -66,7 +67,9 @@ install_test_tools() {
 }
 
 if [ "$DEV" -eq 1 ]; then
-    install_test_tools
+    install_tools mosquitto openssl qemu-user-static
+else
+    install_tools mosquitto
 fi
 
 # --- (b) Python package --------------------------------------------------------------------------

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MNIST_PATH = REPO_ROOT.parent / "shared" / "data" / "mnist.npz"
@@ -129,3 +131,12 @@ def stop_process(process: subprocess.Popen, timeout: float = 5.0) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout)
+
+
+def reason_of(call: Callable[[], object]) -> str:
+    """The reason of the ``ProtocolError`` that ``call()`` raises (and fails if it raises none)."""
+    from edge_client.errors import ProtocolError
+
+    with pytest.raises(ProtocolError) as info:
+        call()
+    return info.value.reason

@@ -34,6 +34,7 @@ def test_directives_bind_to_the_block_below():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the whole walkthrough, main job included: ~4.5 min here, more on a loaded machine
 def test_readme_blocks_run_as_pasted(tmp_path):
     """The whole README, top to bottom, in a copy of the checkout and a private network namespace."""
     missing = [tool for tool in ("unshare", "ip") if shutil.which(tool) is None]

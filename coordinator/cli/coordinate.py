@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cert-file", type=Path, help="client certificate for mutual TLS, with --key-file (default: none)")
     t.add_argument("--key-file", type=Path, help="private key of --cert-file (default: none)")
     p.add_argument(
+        "--signing-key",
+        type=Path,
+        metavar="FILE.pem",
+        help="Ed25519 key that signs the model, global weights and rounds; boards given its public half "
+        "(trust_key) accept nothing else. litefed-provision writes coordinator/signing.key (default: unsigned)",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=Path("runs/coordinator"),

@@ -1,15 +1,20 @@
 """``litefed-emulate``: a whole federation on one machine.
 
-Starts a broker (embedded Mosquitto, or amqtt when Mosquitto is missing),
-splits a dataset among N clients, starts N separate ``litefed-client``
-processes, each with its own partition, state directory and log, and runs
-the coordinator in this process. Writes ``OUT/metrics.jsonl``,
-``OUT/metrics.png`` and a summary.
+Provisions the emulated fleet (a CA, a certificate per client and for the
+coordinator, a Mosquitto configuration with the topic ACL) into OUT/provision,
+starts an embedded Mosquitto with it on a free port of 127.0.0.1 (TLS, a
+client certificate required, the ACL applied), splits a dataset among N
+clients, starts N separate ``litefed-client`` processes, each with its own
+identity, partition, state directory and log, and runs the coordinator, with
+its own certificate, in this process. Writes ``OUT/metrics.jsonl``,
+``OUT/metrics.png`` and a summary. ``--insecure`` (or a broker without
+client certificates: amqtt) runs it anonymous over plain TCP instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -25,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from coordinator.cli.options import add_local_federation_arguments, add_round_arguments
-from coordinator.cli.settings import EmulateSettings
+from coordinator.cli.settings import CoordinatorSettings, EmulateSettings, RunSettings
 from edge_client.broker_url import BrokerUrl
 from edge_client.cli_support import (
     EXIT_OK,
@@ -38,10 +43,12 @@ from edge_client.cli_support import (
 
 if TYPE_CHECKING:
     from coordinator.broker import EmbeddedBroker
+    from coordinator.provision import ProvisionResult
 
 log = logging.getLogger("litefed.emulate")
 
 PROG = "litefed-emulate"
+PROVISION_DIR = "provision"  # under --out: the emulated fleet's identities, as litefed-provision writes them
 
 EPILOG = """\
 examples:
@@ -52,6 +59,13 @@ examples:
 With no --model the built-in MNIST CNN is used (converted on first use and
 cached); with no --data, the MNIST subset bundled with litefed (6,000 training
 and 1,000 test images), so the default run needs no network.
+
+The embedded broker is the secure one a fleet runs (docs/security.md): every
+client and the coordinator connect over TLS with a certificate of the fleet's
+CA (in OUT/provision, kept across runs), and the ACL lets a client write only
+its own update and presence topics. --insecure (or --broker amqtt, or no
+mosquitto installed) runs anonymous over plain TCP: any local process can then
+publish on any topic.
 """
 
 
@@ -68,34 +82,109 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--broker", default="auto", help="auto, mosquitto, amqtt, or the URL of a running broker (default %(default)s)"
     )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="INSECURE: anonymous clients over plain TCP, no ACL (default: TLS with provisioned identities and "
+        "the ACL, on mosquitto)",
+    )
     add_round_arguments(
         p, min_available=None, min_fit=None, seed_help="seed of the partition and client sampling (default %(default)s)"
     )
     return p
 
 
-def write_client_files(out: Path, x, y, parts, broker_url: str, federation: str, seed: int) -> list[Path]:
-    """One directory per client: its data partition and its ``client.toml``."""
-    configs = []
-    for index, indices in enumerate(parts):
-        client_id = f"client-{index:03d}"
+def client_ids(count: int) -> list[str]:
+    """The emulated clients' ids: ``client-000``, ``client-001``, ..."""
+    return [f"client-{index:03d}" for index in range(count)]
+
+
+def write_client_files(
+    out: Path,
+    x,
+    y,
+    parts,
+    broker_url: str,
+    federation: str,
+    seed: int,
+    *,
+    topic_prefix: str = "litefed",
+    identities: ProvisionResult | None = None,
+) -> list[Path]:
+    """One directory per client: its data partition and its ``client.toml``.
+
+    With ``identities`` (the provisioned fleet), each ``client.toml`` names
+    its client's CA, certificate and key there, and the coordinator's public
+    key (``trust_key``), relative to the file.
+    """
+    from coordinator.provision import TRUST_KEY
+
+    configs: list[Path] = []
+    for client_id, indices in zip(client_ids(len(parts)), parts, strict=True):
         directory = out / "clients" / client_id
         directory.mkdir(parents=True, exist_ok=True)
         np.savez(directory / "data.npz", x=x[indices], y=y[indices])
+        tls = {} if identities is None else identities.tls_files(client_id)
+        if identities is not None:  # the coordinator signs: boards act only on what it signed
+            tls["trust_key"] = identities.out / "boards" / client_id / TRUST_KEY
         config = directory / "client.toml"
         config.write_text(
             f'client_id = "{client_id}"\n'
             f'broker_url = "{broker_url}"\n'
             f'federation = "{federation}"\n'
+            f'topic_prefix = "{topic_prefix}"\n'
             f'state_dir = "state"\n'
             f"num_threads = 1\n"  # N clients share this machine's cores
-            f"seed = {seed + index}\n"
-            "\n[data]\n"
+            f"seed = {seed + len(configs)}\n"
+            + "".join(f'{key} = "{os.path.relpath(path, directory)}"\n' for key, path in tls.items())
+            + "\n[data]\n"
             'kind = "npz"\n'
             'path = "data.npz"\n'
         )
         configs.append(config)
     return configs
+
+
+def provision_fleet(folder: Path, ids: Sequence[str], federation: str, topic_prefix: str) -> ProvisionResult:
+    """The emulated fleet's identities in ``folder``, written by litefed-provision's API.
+
+    The broker's certificate names 127.0.0.1 and localhost. A re-run keeps
+    the CA and every key, and drops the clients no longer emulated.
+    """
+    from coordinator.provision import FleetSpec, provision
+
+    return provision(folder, FleetSpec(federation, topic_prefix, devices=tuple(ids)))
+
+
+def secure_broker(fleet: ProvisionResult) -> EmbeddedBroker:
+    """Mosquitto serving ``fleet``'s configuration (TLS, client certificates, the ACL) on a free port of 127.0.0.1."""
+    from coordinator.broker import EmbeddedBroker
+
+    return EmbeddedBroker(kind="mosquitto", tls_config=fleet.broker_config)
+
+
+def runs_secure(settings: EmulateSettings) -> bool:
+    """Whether the embedded broker serves provisioned identities; warns when it does not.
+
+    Secure unless ``--insecure``, and unless the broker is amqtt (asked for,
+    or mosquitto missing), which has no client-certificate identities.
+    """
+    from coordinator.broker import find_mosquitto
+
+    insecure = "anonymous clients over plain TCP and no ACL: any local process can publish on any topic"
+    if settings.insecure:
+        log.warning("INSECURE emulation (--insecure): %s; leave out --insecure for TLS and the ACL", insecure)
+        return False
+    if settings.broker_kind == "amqtt" or (settings.broker_kind == "auto" and find_mosquitto() is None):
+        why = "--broker amqtt" if settings.broker_kind == "amqtt" else "mosquitto is not installed"
+        log.warning(
+            "INSECURE emulation (%s: amqtt cannot require client certificates nor apply the ACL): %s; install "
+            "mosquitto (scripts/setup.sh --dev, or apt-get install mosquitto) for the secure path, or pass --insecure",
+            why,
+            insecure,
+        )
+        return False
+    return True
 
 
 def start_clients(configs: list[Path]) -> list[ClientProcess]:
@@ -164,17 +253,26 @@ def _emulate(settings: EmulateSettings, stop: threading.Event) -> int:
         federation = prepare_local_federation(run, local)
     except errors as exc:
         return fail(PROG, exc)
-    broker = EmbeddedBroker(kind=settings.broker_kind) if settings.broker_url is None else None
+    broker: EmbeddedBroker | None = None
+    fleet: ProvisionResult | None = None
     clients: list[ClientProcess] = []
     done = threading.Event()
     try:
-        url = settings.broker_url if broker is None else _start(broker)  # the coordinator connects to it
-        assert url is not None  # there is an embedded broker exactly when no URL is given
+        if settings.broker_url is not None:
+            url = settings.broker_url
+        elif runs_secure(settings):
+            fleet = _provision(run.out / PROVISION_DIR, settings)
+            broker = secure_broker(fleet)
+            url = _start(broker, fleet)
+        else:
+            broker = EmbeddedBroker(kind=settings.broker_kind)
+            url = _start(broker)
         files = write_client_files(run.out, federation.x, federation.y, federation.parts, url.geturl(redact=False),
-                                   settings.service.federation, run.seed)  # fmt: skip
+                                   settings.service.federation, run.seed, topic_prefix=settings.service.topic_prefix,
+                                   identities=fleet)  # fmt: skip
         clients = start_clients(files)
         threading.Thread(target=_watch_clients, args=(clients, stop, done), daemon=True).start()
-        coordinator = build_coordinator(settings.coordinator(federation.run, url), make_transport)
+        coordinator = build_coordinator(_coordinator_settings(settings, federation.run, url, fleet), make_transport)
         history = run_with_progress(coordinator, stop, progress=run.progress)
     except errors as exc:
         return fail(PROG, exc)
@@ -187,10 +285,46 @@ def _emulate(settings: EmulateSettings, stop: threading.Event) -> int:
     return EXIT_OK if history else EXIT_RUNTIME
 
 
-def _start(broker: EmbeddedBroker) -> BrokerUrl:
+def _provision(folder: Path, settings: EmulateSettings) -> ProvisionResult:
+    ids = client_ids(settings.local.clients)
+    started = time.monotonic()
+    fleet = provision_fleet(folder, ids, settings.service.federation, settings.service.topic_prefix)
+    log.info(
+        "secure emulation: %d clients and the coordinator on provisioned identities (TLS with client certificates, "
+        "the topic ACL); their files are in %s (%.2f s)",
+        len(ids),
+        folder,
+        time.monotonic() - started,
+    )
+    return fleet
+
+
+def _start(broker: EmbeddedBroker, fleet: ProvisionResult | None = None) -> BrokerUrl:
+    """Start ``broker``; the URL the coordinator connects to, with its TLS identity when ``fleet`` is given."""
     url = broker.start()
-    log.info("broker: %s (%s)", url, broker.kind)
-    return BrokerUrl.parse(url)
+    if fleet is None:
+        log.info("broker: %s (%s)", url, broker.kind)
+        return BrokerUrl.parse(url)
+    log.info("broker: %s (%s with %s)", url, broker.kind, fleet.broker_config)
+    return BrokerUrl.parse(url, **fleet.tls_files(fleet.spec.coordinator))
+
+
+def _coordinator_settings(
+    settings: EmulateSettings, run: RunSettings, url: BrokerUrl, fleet: ProvisionResult | None
+) -> CoordinatorSettings:
+    """The coordinator's settings; on provisioned identities it signs with the fleet's key and, as
+    coordinator.sh does, takes presence from the provisioned ids only (unless --clients-file says otherwise)."""
+    coordinator = settings.coordinator(run, url)
+    service = coordinator.service
+    if fleet is None:
+        return coordinator
+    from coordinator.provision import SIGNING_KEY
+
+    service = dataclasses.replace(service, signing_key=fleet.out / "coordinator" / SIGNING_KEY)
+    if service.bounds.allowed_clients is None:
+        bounds = dataclasses.replace(service.bounds, allowed_clients=frozenset(fleet.spec.devices))
+        service = dataclasses.replace(service, bounds=bounds)
+    return dataclasses.replace(coordinator, service=service)
 
 
 if __name__ == "__main__":

@@ -276,6 +276,7 @@ class ServiceSettings:
     """How rounds run over MQTT: the topic tree, the round deadline, retries, the wait for clients, the bounds.
 
     ``broker_outage_timeout`` is how long the broker may stay unreachable before the coordinator gives up.
+    ``signing_key``: the PEM file of the Ed25519 key that signs what boards download (None: unsigned).
     """
 
     federation: str = "default"
@@ -285,6 +286,7 @@ class ServiceSettings:
     wait_for_clients: float | None = None
     bounds: BoundSettings = BoundSettings()
     broker_outage_timeout: float = 600.0
+    signing_key: Path | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, wait_for_clients: float | None = None) -> ServiceSettings:
@@ -297,6 +299,7 @@ class ServiceSettings:
             wait_for_clients=args.wait_for_clients or wait_for_clients,
             bounds=BoundSettings.from_args(args),
             broker_outage_timeout=_positive(args.broker_outage_timeout, "--broker-outage-timeout"),
+            signing_key=getattr(args, "signing_key", None),  # litefed-coordinator's; the emulation makes its own
         )
 
 
@@ -366,7 +369,9 @@ class EmulateSettings:
     """``litefed-emulate``: client processes and a coordinator on this machine.
 
     ``broker_url`` is a running broker's; when None, an embedded broker of
-    ``broker_kind`` (auto, mosquitto or amqtt) is started.
+    ``broker_kind`` (auto, mosquitto or amqtt) is started, serving the
+    emulated fleet's provisioned identities (TLS, client certificates, the
+    ACL) unless ``insecure`` (anonymous, plain TCP).
     """
 
     run: RunSettings
@@ -374,6 +379,7 @@ class EmulateSettings:
     local: LocalSettings
     broker_kind: str = "auto"
     broker_url: BrokerUrl | None = None
+    insecure: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EmulateSettings:
@@ -385,7 +391,9 @@ class EmulateSettings:
         if "://" not in args.broker:
             if args.broker not in KINDS:
                 raise UsageError(f"--broker {args.broker!r}: use {', '.join(KINDS)}, or a URL like mqtt://host:1883")
-            return cls(run=run, service=service, local=local, broker_kind=args.broker)
+            return cls(run=run, service=service, local=local, broker_kind=args.broker, insecure=args.insecure)
+        if args.insecure:
+            raise UsageError("--insecure applies to the embedded broker; with --broker URL the clients use that URL")
         try:
             url = BrokerUrl.parse(args.broker)
         except BrokerUrlError as exc:

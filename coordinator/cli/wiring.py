@@ -34,6 +34,7 @@ from coordinator.plots import plot_rounds
 from coordinator.service import Coordinator, CoordinatorConfig
 from coordinator.strategies import RoundConfig, Strategy
 from edge_client.manifest import Manifest, load_manifest, manifest_path_for
+from edge_client.signing import SigningKey
 from edge_client.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,8 @@ def build_coordinator(
         max_update_norm=service.bounds.max_update_norm,
         broker_outage_timeout=service.broker_outage_timeout,
     )
-    return Coordinator(config, make_transport(settings.broker), strategy)
+    signer = None if service.signing_key is None else SigningKey.load(service.signing_key)
+    return Coordinator(config, make_transport(settings.broker), strategy, signer=signer)
 
 
 def describe(metrics: RoundMetrics) -> str:

@@ -7,9 +7,10 @@
     mosquitto/              mosquitto.conf (a TLS listener that requires a client certificate), acl,
                             the broker's server certificate and key, ca.pem
     coordinator/            the coordinator's certificate (CN ``coordinator-<federation>``), key, ca.pem,
-                            devices.txt, and coordinator.sh, which runs litefed-coordinator with them
-    boards/<id>/            client.toml, ca.pem, client.crt (CN ``<id>``), client.key,
-                            litefed-client.service and install.sh
+                            signing.key (Ed25519: signs what boards download), devices.txt, and
+                            coordinator.sh, which runs litefed-coordinator with them
+    boards/<id>/            client.toml, ca.pem, coordinator.pub (signing.key's public half, client.toml's
+                            trust_key), client.crt (CN ``<id>``), client.key, litefed-client.service, install.sh
     boards/<id>.tar.gz      the same folder as one file to copy to the board
 
 A certificate's common name is its holder's MQTT user name and client id on
@@ -43,9 +44,11 @@ from coordinator.provision.spec import (
     PASSWORD_BYTES,
     RENEW_DAYS,
     SERVICE_USER,
+    SIGNING_KEY,
     STATE_ROOT,
     SUBDIRS,
     SUMMARY_BOARDS,
+    TRUST_KEY,
     UNIT,
     FleetSpec,
     ProvisionError,
@@ -72,9 +75,11 @@ __all__ = [
     "ProvisionResult",
     "RENEW_DAYS",
     "SERVICE_USER",
+    "SIGNING_KEY",
     "STATE_ROOT",
     "SUBDIRS",
     "SUMMARY_BOARDS",
+    "TRUST_KEY",
     "UNIT",
     "check_device_id",
     "check_host",

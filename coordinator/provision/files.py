@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from coordinator.provision.spec import BOARD_ETC, SERVICE_USER, STATE_ROOT, UNIT, FleetSpec
+from coordinator.provision.spec import BOARD_ETC, SERVICE_USER, SIGNING_KEY, STATE_ROOT, TRUST_KEY, UNIT, FleetSpec
 
 # -- the files' contents -------------------------------------------------------------------
 
@@ -107,6 +107,8 @@ def client_toml(spec: FleetSpec, device: str, password: str | None = None) -> st
             "# The model, the weights and the progress, under the systemd unit's StateDirectory.",
             f'state_dir = "{STATE_ROOT}/{device}"',
             *tls,
+            "# The coordinator's public key: this board acts only on the model, weights and rounds it signed.",
+            f'trust_key = "{TRUST_KEY}"',
             "",
             "[data]",
             "# EDIT: this board's training data, readable by the user litefed (litefed-client --help says more):",
@@ -155,7 +157,9 @@ def install_script(device: str, passwords: bool = False) -> str:
     """``install.sh``: run as root on the board, from the unpacked bundle; secrets end up 0640 root:litefed."""
     dest = f"{BOARD_ETC}/{device}"
     public, secret = (
-        (("ca.pem",), ("client.toml",)) if passwords else (("client.toml", "ca.pem", "client.crt"), ("client.key",))
+        ((TRUST_KEY, "ca.pem"), ("client.toml",))
+        if passwords
+        else (("client.toml", "ca.pem", TRUST_KEY, "client.crt"), ("client.key",))
     )
     public_files = " ".join(f'"$here/{name}"' for name in public)
     secret_files = " ".join(f'"$here/{name}"' for name in secret)
@@ -190,11 +194,12 @@ def coordinator_script(spec: FleetSpec) -> str:
     return f"""#!/bin/sh
 # The coordinator of federation {spec.federation!r} with its TLS identity, written by litefed-provision.
 # Usage: coordinator.sh --model MODEL.tflite [more litefed-coordinator options]
-# Presence from ids not in devices.txt (the provisioned boards) is ignored.
+# Presence from ids not in devices.txt (the provisioned boards) is ignored; what boards download is
+# signed with signing.key, whose public half every board trusts.
 here=$(cd "$(dirname "$0")" && pwd)
 exec litefed-coordinator --broker {spec.broker_url} --federation {spec.federation}{prefix} \\
     --ca-file "$here/ca.pem" --cert-file "$here/coordinator.crt" --key-file "$here/coordinator.key" \\
-    --clients-file "$here/devices.txt" "$@"
+    --signing-key "$here/{SIGNING_KEY}" --clients-file "$here/devices.txt" "$@"
 """
 
 

@@ -23,6 +23,8 @@ BACKDATE = dt.timedelta(days=1)  # tolerates a board whose clock is a little beh
 BOARD_ETC = "/etc/litefed"  # where install.sh puts a board's folder
 STATE_ROOT = "/var/lib/litefed"  # the unit's StateDirectory; a board keeps its state in STATE_ROOT/<id>
 UNIT = "litefed-client.service"
+SIGNING_KEY = "signing.key"  # under coordinator/: signs what boards download (Ed25519, 0600)
+TRUST_KEY = "coordinator.pub"  # in each board's bundle: its public half, client.toml's trust_key
 SERVICE_USER = "litefed"
 PASSWORD_BYTES = 24  # of randomness in a board's password (32 URL-safe characters)
 MOSQUITTO_PASSWD = ("/usr/bin/mosquitto_passwd", "/usr/sbin/mosquitto_passwd")

@@ -40,8 +40,10 @@ from coordinator.provision.spec import (
     MANIFEST,
     MOSQUITTO_PASSWD,
     PASSWORD_BYTES,
+    SIGNING_KEY,
     SUBDIRS,
     SUMMARY_BOARDS,
+    TRUST_KEY,
     UNIT,
     FleetSpec,
     ProvisionError,
@@ -49,7 +51,8 @@ from coordinator.provision.spec import (
 from edge_client.broker_url import BrokerUrl
 from edge_client.config import read_toml
 from edge_client.durable import TMP_PREFIX, atomic_write
-from edge_client.errors import LitefedError
+from edge_client.errors import KeyFileError, LitefedError
+from edge_client.signing import SigningKey, TrustKey
 
 # -- writing -------------------------------------------------------------------------------
 
@@ -69,6 +72,28 @@ class ProvisionResult:
 
     def board_archive(self, device: str) -> Path:
         return self.out / "boards" / f"{device}.tar.gz"
+
+    @property
+    def broker_config(self) -> Path:
+        """The broker's ``mosquitto.conf``."""
+        return self.out / "mosquitto" / "mosquitto.conf"
+
+    def tls_files(self, identity: str) -> dict[str, Path]:
+        """``ca_file``, ``cert_file`` and ``key_file`` of a device or of the coordinator (``spec.coordinator``).
+
+        The keys are :class:`~edge_client.broker_url.BrokerUrl`'s (and a ``client.toml``'s). A board of a fleet
+        with passwords has no certificate: ``ca_file`` only.
+        """
+        if identity == self.spec.coordinator:
+            folder, name = self.out / "coordinator", "coordinator"
+        elif identity in self.spec.devices:
+            folder, name = self.out / "boards" / identity, "client"
+        else:
+            raise ProvisionError(f"{identity!r} is not an identity of {self.out}; provision it first")
+        files = {"ca_file": folder / "ca.pem"}
+        if name == "coordinator" or not self.spec.passwords:
+            files |= {"cert_file": folder / f"{name}.crt", "key_file": folder / f"{name}.key"}
+        return files
 
     def summary(self) -> str:
         """What was written where, and the commands to run next."""
@@ -188,7 +213,9 @@ def _archive(folder: Path) -> bytes:
     return buffer.getvalue()
 
 
-def _board(writer: _Writer, out: Path, spec: FleetSpec, device: str, ca: Identity, days: int) -> str | None:
+def _board(
+    writer: _Writer, out: Path, spec: FleetSpec, device: str, ca: Identity, days: int, trust: TrustKey
+) -> str | None:
     """Write board ``device``'s folder and archive; return its password (None: it has a certificate)."""
     folder = out / "boards" / device
     new = not (folder / ("client.toml" if spec.passwords else "client.key")).is_file()
@@ -200,6 +227,7 @@ def _board(writer: _Writer, out: Path, spec: FleetSpec, device: str, ca: Identit
     else:
         _identity(writer, folder / "client.key", folder / "client.crt", device, ca, days, "client")
     writer.file(folder / "ca.pem", cert_pem(ca.cert))
+    writer.file(folder / TRUST_KEY, trust.pem())
     config = client_toml(spec, device, password)
     if not new and _read(folder / "client.toml") != config:
         writer.result.updated.append(device)  # a new broker host or port: the board needs its bundle again
@@ -260,6 +288,24 @@ def _broker(writer: _Writer, out: Path, spec: FleetSpec, ca: Identity, days: int
     writer.file(folder / "ca.pem", cert_pem(ca.cert))
     writer.file(folder / "acl", acl_text(spec))
     writer.file(folder / "mosquitto.conf", mosquitto_conf(spec, broker_dir or str(folder.resolve())))
+
+
+def _signing_key(writer: _Writer, out: Path, provisioned: bool) -> SigningKey:
+    """The coordinator's Ed25519 signing key, kept across re-runs: boards trust its public half only."""
+    path = out / "coordinator" / SIGNING_KEY
+    if path.is_file():
+        try:
+            return SigningKey.load(path)
+        except KeyFileError as exc:
+            raise ProvisionError(f"{exc}; restore it, or pass --force (every board needs its new bundle)") from None
+    if provisioned:
+        raise ProvisionError(f"{path} is missing but boards trust it; restore it, or pass --force")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    key = SigningKey.generate()
+    key.save(path)
+    writer.result.written.append(path)
+    return key
 
 
 def _coordinator(writer: _Writer, out: Path, spec: FleetSpec, ca: Identity, days: int) -> None:
@@ -357,7 +403,8 @@ def provision(
     ca = _authority(writer, out / "ca", spec.federation, days, provisioned)
     _broker(writer, out, spec, ca, days, broker_dir)
     _coordinator(writer, out, spec, ca, days)
-    passwords = {device: _board(writer, out, spec, device, ca, days) for device in spec.devices}
+    trust = _signing_key(writer, out, provisioned).trust_key
+    passwords = {device: _board(writer, out, spec, device, ca, days, trust) for device in spec.devices}
     if spec.passwords:
         _password_file(writer, out / "mosquitto", {d: p for d, p in passwords.items() if p is not None})
     for device in before:

@@ -90,7 +90,7 @@ def _signing_check() -> dict:
         refused = ""
     except ProtocolError as exc:
         refused = exc.reason
-    return {"opens": key.trust_key.open("global", envelope) == body, "tampered": refused}
+    return {"opens": key.trust_key.open("global", envelope).body == body, "tampered": refused}
 
 
 def _importable(name: str) -> bool:

@@ -37,6 +37,7 @@ from coordinator.provision import (
 )
 from edge_client.broker_url import BrokerUrl
 from edge_client.config import load_config
+from edge_client.signing import SigningKey, TrustKey
 from edge_client.topics import Topics
 from tests.helpers import modules_loaded_by
 
@@ -78,6 +79,7 @@ def test_every_private_key_is_0600_and_every_file_is_where_the_summary_says(flee
         "boards/pi-2/client.key",
         "ca/ca.key",
         "coordinator/coordinator.key",
+        "coordinator/signing.key",
         "mosquitto/server.key",
     ]
     assert all(_mode(k) == 0o600 for k in keys)
@@ -85,8 +87,35 @@ def test_every_private_key_is_0600_and_every_file_is_where_the_summary_says(flee
     assert _mode(fleet / "ca") == 0o700
     for board in ("pi-1", "pi-2"):
         names = sorted(p.name for p in (fleet / "boards" / board).iterdir())
-        assert names == ["ca.pem", "client.crt", "client.key", "client.toml", "install.sh", "litefed-client.service"]
+        assert names == [
+            "ca.pem",
+            "client.crt",
+            "client.key",
+            "client.toml",
+            "coordinator.pub",
+            "install.sh",
+            "litefed-client.service",
+        ]
     assert _mode(fleet / "boards/pi-1/install.sh") == _mode(fleet / "coordinator/coordinator.sh") == 0o755
+
+
+def test_boards_trust_the_coordinator_s_signing_key_which_a_re_run_keeps(fleet):
+    key = SigningKey.load(fleet / "coordinator" / "signing.key")
+    for board in ("pi-1", "pi-2"):
+        trust = TrustKey.load(fleet / "boards" / board / "coordinator.pub")
+        assert trust.open("round", key.seal("round", b"{}")).body == b"{}"
+        config = load_config(fleet / "boards" / board / "client.toml")
+        assert config.trust_key == fleet / "boards" / board / "coordinator.pub"
+    assert '--signing-key "$here/signing.key"' in (fleet / "coordinator" / "coordinator.sh").read_text()
+    _provision(fleet, "pi-3", federation=FEDERATION)
+    assert SigningKey.load(fleet / "coordinator" / "signing.key").trust_key.key_id == key.trust_key.key_id
+    assert TrustKey.load(fleet / "boards" / "pi-3" / "coordinator.pub").key_id == key.trust_key.key_id
+
+
+def test_a_lost_signing_key_is_not_silently_replaced(fleet):
+    (fleet / "coordinator" / "signing.key").unlink()
+    with pytest.raises(ProvisionError, match="signing.key is missing but boards trust it"):
+        _provision(fleet, "pi-3", federation=FEDERATION)
 
 
 def test_device_certificates_name_the_device_and_are_signed_by_the_fleet_ca(fleet):

@@ -96,7 +96,7 @@ def test_model_and_global_weights_are_retained_for_late_boards(tabular, model_pa
     broker = InMemoryBroker()
     coordinator = _coordinator(broker, model_path, tmp_path)
     coordinator.start()
-    coordinator._publish_global()  # the global weights of round 1
+    coordinator.publish_global()  # the global weights of round 1
     late = InMemoryTransport(broker, "late-board")
     late.connect()
     for pattern in (TOPICS.model_meta, TOPICS.model_chunks, TOPICS.global_chunks):
@@ -424,7 +424,7 @@ def test_start_clears_the_retained_announcement_of_an_earlier_run(tabular, model
     seed.publish(TOPICS.round, old.to_bytes(), retain=True)
     coordinator = _coordinator(broker, model_path, tmp_path)
     coordinator.start()
-    coordinator._publish_global()  # the global weights of round 1
+    coordinator.publish_global()  # the global weights of round 1
     assert TOPICS.round not in broker.retained
     board = FakeClient(broker, "pi-0")
     board.pump(0.2)

@@ -32,6 +32,7 @@ from coordinator.provision import coordinator_identity, plan, provision
 from edge_client.config import load_config
 from edge_client.errors import BrokerAuthError, BrokerUnavailable, SubscribeFailed
 from edge_client.mqtt import BrokerUrl, MqttTransport
+from edge_client.signing import SigningKey
 from edge_client.topics import Topics
 from tests.helpers import REPO_ROOT, separable_binary_data, stop_process
 from tests.integration.test_mqtt import collect_until
@@ -285,9 +286,12 @@ def test_the_coordinator_and_two_provisioned_boards_run_a_federation_over_tls(fl
         records = read_jsonl(tmp_path / "run/metrics.jsonl")
         assert [r["round"] for r in records] == [1, 2]
         assert all(r["clients_answered"] == 2 and r["clients_rejected"] == 0 for r in records), records
+        key_id = SigningKey.load(fleet.out / "coordinator/signing.key").trust_key.key_id
+        assert f"signing the model, global weights and rounds with key {key_id}" in done.stderr + done.stdout
     finally:
         stop_clients(clients, timeout=10)
     for c in clients:
         text = c.log_path.read_text()
         assert "Traceback" not in text, text[-3000:]
         assert f"client {c.client_id!r} started in federation {FEDERATION!r}" in text, text[-3000:]
+        assert "unsigned" not in text and "ignored a message" not in text, text[-3000:]  # it trusted what it got
