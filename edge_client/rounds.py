@@ -143,21 +143,23 @@ class Rounds:
         if ann.run != self.progress.run:
             if self.clock() >= ann.deadline:
                 # A closed round of another run: an old retained message, never a reason to leave this run.
-                self.ignore(
-                    (STALE_RUN, "round", ann.run, ann.round),
-                    f"ignoring the announcement of round {ann.round} of run {ann.run}: its deadline has passed "
-                    f"and this board follows run {self.progress.run or '(none yet)'}",
-                    logging.INFO,
+                self._ignore_announcement(
+                    STALE_RUN,
+                    ann,
+                    f" of run {ann.run}: its deadline has passed and this board follows run "
+                    f"{self.progress.run or '(none yet)'}",
                 )
                 return
             self._join_run(ann.run, f"round {ann.round} was announced")
         current = self.announcement
         if current is not None and current.run == ann.run and ann.round < current.round:
-            self.ignore(
-                (STALE_ROUND, "round", ann.run, ann.round),
-                f"ignoring the announcement of round {ann.round}: round {current.round} is current",
-                logging.INFO,
-            )
+            self._ignore_announcement(STALE_ROUND, ann, f": round {current.round} is current")
+            return
+        held = self.sync.global_frame
+        if held is not None and held.run == ann.run and ann.round < held.round:
+            # The global frame of round r is published once round r-1 has closed: this one is over
+            # (a retained announcement replayed after a restart); resending its update is wasted.
+            self._ignore_announcement(STALE_ROUND, ann, f": it has closed (global weights of round {held.round} held)")
             return
         if ann == current:
             return
@@ -181,6 +183,12 @@ class Rounds:
                 -remaining,
             )
         self.uploads.announced(ann)
+
+    def _ignore_announcement(self, reason: str, ann: RoundAnnouncement, why: str) -> None:
+        """Log once that ``ann`` is ignored; ``why`` is the rest of the sentence after "round N"."""
+        self.ignore(
+            (reason, "round", ann.run, ann.round), f"ignoring the announcement of round {ann.round}{why}", logging.INFO
+        )
 
     def _join_run(self, run: str, why: str) -> None:
         """Follow ``run`` from now on: nothing of the previous run is kept (durably)."""

@@ -126,6 +126,17 @@ def decode_update(h: Harness, payload: bytes, round: int, run: str | None = None
 # -- the happy path ------------------------------------------------------------------
 
 
+def test_an_announcement_older_than_the_global_weights_held_is_over_and_asks_for_nothing(h):
+    h.coordinator.publish_model()
+    h.coordinator.publish_global(initial_weights(h.tabular), 4)  # round 3 has closed
+    client = h.client()
+    h.pump(client, until=lambda: client.global_frame is not None and client.global_frame.round == 4)
+    h.coordinator.announce(3)  # round 3's, replayed (a retained message after a restart), selecting this board
+    h.pump(client)
+    assert client.announcement is None
+    assert client.updates_sent == 0 and h.coordinator.updates == []
+
+
 def test_client_downloads_model_trains_and_sends_a_valid_update(h):
     client = h.client()
     assert h.broker.retained[Topics().presence(CLIENT)].payload == Presence("online", NUM_EXAMPLES, "0.1.0").to_bytes()
