@@ -41,20 +41,34 @@ class Presences:
     of that minute (``rate_limited``), after which its latest state applies.
     Ignored messages are logged once a minute per kind, with how many there
     were, never once per message.
+
+    Each online client remembers the connection ``epoch`` (the transport's
+    reconnection count) its presence was taken in: after a reconnection
+    :meth:`forget_before` drops those not heard from since, since a board that
+    died while the broker was down left no Last Will (a broker restarted
+    without persistence has not even its retained presence). Every live board
+    says ``online`` again on its own reconnection, and the broker redelivers
+    the retained presences it still holds, so the live ones come back.
     """
 
     def __init__(self, max_clients: int, rate: int, allowed: frozenset[str] | None, clock: Callable[[], float]):
         self.max_clients, self.rate, self.allowed = max_clients, rate, allowed
         self.online: dict[str, int] = {}  # client id -> examples it reported
+        self._epochs: dict[str, int] = {}  # client id -> connection epoch of its online presence
         self._clock = clock
         # client -> [window start, presence changes in it]; ordered by window start (a new window is re-inserted)
         self._windows: dict[str, list[float]] = {}
         self._deferred: dict[str, Presence] = {}  # the latest state of a rate-limited client
         self._unreported: Counter[str] = Counter()  # ignored since the last warning of their kind
         self._warned: dict[str, float] = {}
+        self._epoch = 0  # of the message being taken
 
-    def update(self, client: str, payload: bytes) -> str | None:
-        """Take one presence message of ``client`` (empty: retained presence cleared); why it was ignored, or None."""
+    def update(self, client: str, payload: bytes, epoch: int = 0) -> str | None:
+        """Take one presence message of ``client`` (empty: retained presence cleared); why it was ignored, or None.
+
+        ``epoch``: the transport's reconnection count when the message is taken.
+        """
+        self._epoch = epoch
         why, detail = self._take(client, payload)
         if why is not None:
             self._warn(why, client, detail)
@@ -90,11 +104,21 @@ class Presences:
             return RATE_LIMITED, ""
         return self._apply(client, presence), ""
 
+    def forget_before(self, epoch: int) -> list[str]:
+        """Take offline the clients whose presence predates connection ``epoch``; their ids, sorted."""
+        gone = sorted(c for c in self.online if self._epochs.get(c, 0) < epoch)
+        for client in gone:
+            del self.online[client]
+            self._epochs.pop(client, None)
+        return gone
+
     def _apply(self, client: str, presence: Presence) -> str | None:
         if presence.status != "online":
             self.online.pop(client, None)
+            self._epochs.pop(client, None)
         elif client in self.online or len(self.online) < self.max_clients:
             self.online[client] = presence.num_examples
+            self._epochs[client] = self._epoch
         else:
             return OVER_MAX_CLIENTS
         return None

@@ -92,9 +92,14 @@ class Publisher:
             self._global = (frame, self._seal("global", frame))
         self._publish_chunked("global", self.topics.global_chunk, self._global[1])
 
-    def republish(self) -> None:
-        """After a reconnection write every retained topic again: a broker restarted without persistence lost them."""
+    def republish(self) -> bool:
+        """After a reconnection write every retained topic again: a broker restarted without persistence lost them.
+
+        True if there was a reconnection since the last call.
+        """
+        reconnected = False
         while self.outage.reconnected():
+            reconnected = True
             log.warning("reconnected to the broker: publishing the model, the global weights and the round again")
             if self._model is not None:
                 self._publish_chunked("model", self.topics.model_chunk, self._model[0])
@@ -102,6 +107,7 @@ class Publisher:
             if self._global is not None:
                 self._publish_chunked("global", self.topics.global_chunk, self._global[1])
             self._publish(self.topics.round, self._announcement, retain=True)
+        return reconnected
 
     # -- the wire ---------------------------------------------------------------------
     def _seal(self, kind: str, body: bytes) -> bytes:

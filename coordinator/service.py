@@ -355,7 +355,8 @@ class Coordinator:
 
     def _poll(self, timeout: float) -> bool:
         """Handle at most one message; False if none came within ``timeout``."""
-        self.publisher.republish()
+        if self.publisher.republish():
+            self._forget_silent_clients()
         message = self.transport.receive(timeout=max(timeout, 0.0))
         if message is None:
             return False
@@ -369,8 +370,19 @@ class Coordinator:
             self._on_update_chunk(client, message)
         return True
 
+    def _forget_silent_clients(self) -> None:
+        """After a reconnection, clients count as online again once they (or the retained presence) say so."""
+        gone = self.presences.forget_before(self.transport.reconnections)
+        if gone:
+            log.info(
+                "reconnected: %d client(s) offline until their presence arrives again (a board that died while "
+                "the broker was away left no Last Will): %s",
+                len(gone),
+                ", ".join(gone[:10]) + (" ..." if len(gone) > 10 else ""),
+            )
+
     def _on_presence(self, client: str, message: Message) -> None:
-        why = self.presences.update(client, message.payload)
+        why = self.presences.update(client, message.payload, self.transport.reconnections)
         if why is not None and (open_ := self.engine.current) is not None:
             open_.metrics.ignore_presence(why)
 

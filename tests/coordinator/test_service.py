@@ -672,6 +672,17 @@ def test_a_flapping_presence_is_ignored_for_the_rest_of_the_minute_then_its_late
     assert presences.update("flappy", ONLINE) is None  # a new window
 
 
+def test_after_a_reconnection_only_clients_heard_from_since_stay_online():
+    presences = Presences(max_clients=10, rate=10, allowed=None, clock=lambda: 0.0)
+    for client in ("pi-0", "pi-1", "pi-2"):
+        presences.update(client, ONLINE, epoch=0)
+    presences.update("pi-2", ONLINE, epoch=1)  # said online again on the new connection
+    assert presences.forget_before(1) == ["pi-0", "pi-1"]
+    assert set(presences.online) == {"pi-2"}
+    presences.update("pi-0", ONLINE, epoch=1)  # its birth message, a little later
+    assert set(presences.online) == {"pi-0", "pi-2"} and presences.forget_before(1) == []
+
+
 def test_with_a_list_of_clients_other_ids_are_ignored():
     presences = Presences(max_clients=10, rate=10, allowed=frozenset({"pi-1"}), clock=lambda: 0.0)
     assert presences.update("pi-1", ONLINE) is None

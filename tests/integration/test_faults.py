@@ -180,6 +180,25 @@ def test_the_coordinator_gives_up_after_the_broker_outage_timeout(tabular, tmp_p
     assert any("Retrying while the broker" in r.getMessage() for r in caplog.records)
 
 
+def test_a_board_that_dies_while_a_broker_without_persistence_is_down_is_no_longer_online(tabular, tmp_path):
+    """It left no Last Will and the broker lost its retained presence: only the boards that say online again count."""
+    broker = InMemoryBroker()
+    boards = [_board(broker, f"pi-{i}") for i in range(3)]
+    running = Background(_coordinator(broker, tabular, tmp_path, min_fit=3))
+    coordinator = running.coordinator
+    try:
+        for board in boards:
+            board.wait_for(lambda b=board: b.rounds)  # round 1 is open, every board online
+        assert set(coordinator.online) == {"pi-0", "pi-1", "pi-2"}
+        broker.stop(persistent=False)
+        boards[1].transport.close()  # loses power while the broker is down
+        broker.start()
+        _wait(lambda: set(coordinator.online) == {"pi-0", "pi-2"}, "pi-1 to be taken offline, the others back")
+    finally:
+        running.stop.set()
+        assert running.join() is None
+
+
 def test_a_stop_during_an_outage_ends_the_run_quietly(tabular, tmp_path):
     broker = InMemoryBroker()
     running = Background(_coordinator(broker, tabular, tmp_path))
