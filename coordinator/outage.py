@@ -34,7 +34,7 @@ class BrokerOutage:
 
     def __init__(self, transport: Transport, timeout: float):
         self.transport, self.timeout = transport, timeout
-        self.broker = str(getattr(transport, "url", "the broker"))
+        self.broker = transport.peer
         self.stop: threading.Event | None = None
         self.outages = 0
         self._reconnections = transport.reconnections

@@ -139,6 +139,10 @@ class MqttTransport:
         return self._connection.connected
 
     @property
+    def peer(self) -> str:
+        return self.url.geturl()  # the password redacted
+
+    @property
     def dropped_messages(self) -> int:
         return self._queue.dropped
 

@@ -81,6 +81,11 @@ class Transport(Protocol):
         ...
 
     @property
+    def peer(self) -> str:
+        """The broker, as log lines name it (never with a password)."""
+        ...
+
+    @property
     def dropped_messages(self) -> int:
         """Messages lost because the receive queue was full."""
         ...
@@ -471,6 +476,10 @@ class InMemoryTransport:
 
     def __repr__(self) -> str:
         return f"InMemoryTransport({self.client_id!r}, connected={self._connected})"
+
+    @property
+    def peer(self) -> str:
+        return "the in-memory broker"
 
     @property
     def connected(self) -> bool:

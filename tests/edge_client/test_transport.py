@@ -528,3 +528,14 @@ def test_connack_refusals_become_distinct_errors(name, auth, hint):
     message = str(error)
     assert name in message and hint in message and "mqtt://pi:***@host:1883" in message
     assert "secret" not in message
+
+
+def test_a_transport_names_its_broker_for_log_lines_without_the_password():
+    from edge_client.mqtt import MqttTransport
+
+    mqtt = MqttTransport("mqtt://pi-1:s3cret@127.0.0.1:1883", "pi-1")
+    try:
+        assert mqtt.peer == "mqtt://pi-1:***@127.0.0.1:1883"
+    finally:
+        mqtt.close()
+    assert InMemoryTransport(InMemoryBroker(), "pi-1").peer == "the in-memory broker"
