@@ -45,6 +45,31 @@ MAX_IGNORED_KEYS = 4096  # "logged once" memory; forgetting it only means loggin
 Dataset = tuple[np.ndarray, np.ndarray]
 
 
+def why_ignored(
+    ann: RoundAnnouncement, followed: str, current: RoundAnnouncement | None, held: Frame | None, now: float
+) -> tuple[str, str] | None:
+    """Why a board acts on ``ann`` not at all: (reason, the rest of the log sentence), or None.
+
+    ``followed`` is the run the board follows, ``current`` the announcement it
+    holds, ``held`` its global frame, ``now`` its clock.
+    """
+    if ann.run != followed:
+        if now < ann.deadline:
+            return None  # an open round of another run: the board joins it
+        # A closed round of another run: an old retained message, never a reason to leave this run.
+        return (
+            STALE_RUN,
+            f" of run {ann.run}: its deadline has passed and this board follows run {followed or '(none yet)'}",
+        )
+    if current is not None and current.run == ann.run and ann.round < current.round:
+        return STALE_ROUND, f": round {current.round} is current"
+    if held is not None and held.run == ann.run and ann.round < held.round:
+        # The global frame of round r is published once round r-1 has closed: this one is over
+        # (a retained announcement replayed after a restart); resending its update is wasted.
+        return STALE_ROUND, f": it has closed (global weights of round {held.round} held)"
+    return None
+
+
 class Rounds:
     """The run this client follows, the round announced, local training and the update in flight.
 
@@ -140,27 +165,16 @@ class Rounds:
     # -- announcements ---------------------------------------------------------------
     def on_round(self, ann: RoundAnnouncement) -> None:
         get_codec(ann.codec)  # ProtocolError("unknown_codec") for a codec this client cannot encode
-        if ann.run != self.progress.run:
-            if self.clock() >= ann.deadline:
-                # A closed round of another run: an old retained message, never a reason to leave this run.
-                self._ignore_announcement(
-                    STALE_RUN,
-                    ann,
-                    f" of run {ann.run}: its deadline has passed and this board follows run "
-                    f"{self.progress.run or '(none yet)'}",
-                )
-                return
-            self._join_run(ann.run, f"round {ann.round} was announced")
         current = self.announcement
-        if current is not None and current.run == ann.run and ann.round < current.round:
-            self._ignore_announcement(STALE_ROUND, ann, f": round {current.round} is current")
+        ignored = why_ignored(ann, self.progress.run, current, self.sync.global_frame, self.clock())
+        if ignored is not None:
+            reason, why = ignored
+            key = (reason, "round", ann.run, ann.round)
+            self.ignore(key, f"ignoring the announcement of round {ann.round}{why}", logging.INFO)
             return
-        held = self.sync.global_frame
-        if held is not None and held.run == ann.run and ann.round < held.round:
-            # The global frame of round r is published once round r-1 has closed: this one is over
-            # (a retained announcement replayed after a restart); resending its update is wasted.
-            self._ignore_announcement(STALE_ROUND, ann, f": it has closed (global weights of round {held.round} held)")
-            return
+        if ann.run != self.progress.run:
+            self._join_run(ann.run, f"round {ann.round} was announced")
+            current = self.announcement
         if ann == current:
             return
         self.announcement = ann
@@ -183,12 +197,6 @@ class Rounds:
                 -remaining,
             )
         self.uploads.announced(ann)
-
-    def _ignore_announcement(self, reason: str, ann: RoundAnnouncement, why: str) -> None:
-        """Log once that ``ann`` is ignored; ``why`` is the rest of the sentence after "round N"."""
-        self.ignore(
-            (reason, "round", ann.run, ann.round), f"ignoring the announcement of round {ann.round}{why}", logging.INFO
-        )
 
     def _join_run(self, run: str, why: str) -> None:
         """Follow ``run`` from now on: nothing of the previous run is kept (durably)."""
