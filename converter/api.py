@@ -15,9 +15,9 @@ import numpy as np
 from converter import ops
 from converter.errors import UnsupportedModelError, VerificationError
 from converter.graph import GraphSpec, TrainingModule, boundary_shape, to_tflite
-from converter.losses import Head, canonical_loss
+from converter.losses import LOSSES, Head, canonical_loss
 from converter.lowering import lower_model
-from converter.optimizers import OptimizerConfig
+from converter.optimizers import OPTIMIZERS, OptimizerConfig
 from converter.spec import load_model
 from converter.verify import VerificationReport, random_batches, verify_against_keras
 from edge_client import __version__
@@ -30,23 +30,44 @@ from edge_client.weights import TensorSpec
 
 _LOSS_CLASS_NAMES = {
     "SparseCategoricalCrossentropy": "sparse_categorical_crossentropy",
+    "CategoricalCrossentropy": "categorical_crossentropy",
     "BinaryCrossentropy": "binary_crossentropy",
     "MeanSquaredError": "mean_squared_error",
+    "MeanAbsoluteError": "mean_absolute_error",
+    "Huber": "huber",
 }
-_FUSABLE = {"sparse_categorical_crossentropy": "softmax", "binary_crossentropy": "sigmoid"}
+_FUSABLE = {
+    "sparse_categorical_crossentropy": "softmax",
+    "categorical_crossentropy": "softmax",
+    "binary_crossentropy": "sigmoid",
+}
+_LOSS_OPTIONS = {"label_smoothing": 0.0, "delta": 1.0}  # Head fields read from the compiled loss, and their defaults
 
 
 @dataclass(frozen=True)
 class ConvertConfig:
-    """How to convert. ``None`` means: take it from the compiled model, else the default."""
+    """How to convert. ``None`` means: take it from the compiled model, else the default.
+
+    A setting given here replaces the compiled one before the compiled one is
+    read, so it is also the fix for a compiled setting litefed refuses:
+    ``optimizer`` replaces the whole compiled optimizer (Keras' defaults for
+    what is not given), ``learning_rate`` a compiled schedule, any of the
+    clipping options the compiled clipping, ``loss`` the compiled loss.
+    """
 
     batch_size: int
     loss: str | None = None
     from_logits: bool | None = None
     optimizer: str | None = None
     learning_rate: float | None = None
+    label_smoothing: float | None = None
+    huber_delta: float | None = None
     momentum: float | None = None
     nesterov: bool | None = None
+    weight_decay: float | None = None
+    clipnorm: float | None = None
+    clipvalue: float | None = None
+    global_clipnorm: float | None = None
     verify: bool = True
     verify_steps: int = 3
     tolerance: float = 1e-4
@@ -76,65 +97,138 @@ class ConvertedModel:
 
 
 def resolve_loss(model: keras.Model, config: ConvertConfig) -> tuple[str, bool]:
-    """Loss name and from_logits: the flags win, then the compiled loss."""
+    """Loss name and from_logits: the flags win, then the compiled loss.
+
+    ``--loss`` replaces the compiled loss before it is examined, so options
+    litefed refuses there (label smoothing, ``ignore_class``, an unknown
+    loss) no longer matter. ``from_logits`` describes the model's output,
+    so without ``--from-logits`` it is still read from the compiled loss.
+    """
     compiled = getattr(model, "loss", None)
-    name, from_logits = None, False
+    from_logits = _compiled_from_logits(compiled)
+    if config.from_logits is not None:
+        from_logits = config.from_logits
+    if config.loss is not None:
+        return canonical_loss(config.loss), from_logits
+    return _from_keras_loss(compiled), from_logits
+
+
+def _compiled_from_logits(compiled: object) -> bool:
+    if isinstance(compiled, keras.losses.Loss):
+        return bool(compiled.get_config().get("from_logits", False))
+    return False
+
+
+def _from_keras_loss(compiled: object) -> str:
+    """The canonical name of the compiled loss, refusing what the head cannot compute."""
+    choices = "|".join(LOSSES)
+    if compiled is None:
+        raise UnsupportedModelError(f"the model is not compiled with a loss; pass --loss {choices}")
     if isinstance(compiled, str):
         name = compiled
     elif isinstance(compiled, keras.losses.Loss):
         name = _LOSS_CLASS_NAMES.get(type(compiled).__name__, type(compiled).__name__)
-        cfg = compiled.get_config()
-        from_logits = bool(cfg.get("from_logits", False))
-        if cfg.get("label_smoothing") or cfg.get("ignore_class") is not None:
-            raise UnsupportedModelError("label_smoothing and ignore_class are not supported")
-    elif callable(compiled):
-        name = compiled.__name__
-    elif compiled is not None:
-        raise UnsupportedModelError(f"compiled loss {compiled!r} is not supported; pass --loss")
-    name = config.loss or name
-    if name is None:
-        raise UnsupportedModelError("the model is not compiled with a loss; pass --loss")
-    from_logits = from_logits if config.from_logits is None else config.from_logits
-    return canonical_loss(name), from_logits
+    else:
+        name = getattr(compiled, "__name__", repr(compiled))
+    try:
+        name = canonical_loss(name)
+    except UnsupportedModelError:
+        raise UnsupportedModelError(
+            f"compiled loss {name} is not supported; pass --loss {choices} to replace it"
+        ) from None
+    cfg = compiled.get_config() if isinstance(compiled, keras.losses.Loss) else {}
+    if cfg.get("ignore_class") is not None:  # class 0 can be the ignored one
+        raise UnsupportedModelError(
+            f"compiled loss option ignore_class={cfg['ignore_class']!r} is not supported; "
+            f"pass --loss {name} to train without it"
+        )
+    return name
+
+
+def resolve_loss_options(model: keras.Model, config: ConvertConfig) -> dict[str, float]:
+    """The loss head's ``label_smoothing`` and Huber ``delta``: the flags win, then the compiled loss.
+
+    With ``--loss`` the compiled loss is not read (Keras' defaults). Only
+    values that differ from the defaults are returned.
+    """
+    compiled = getattr(model, "loss", None)
+    options: dict[str, float] = {}
+    if config.loss is None and isinstance(compiled, keras.losses.Loss):
+        # Keras' Huber leaves delta out of get_config (and so out of a saved .keras): read its kwargs too.
+        cfg = {**getattr(compiled, "_fn_kwargs", {}), **compiled.get_config()}
+        options = {k: _f32(cfg[k]) for k in _LOSS_OPTIONS if cfg.get(k) is not None}
+    flags = {"label_smoothing": config.label_smoothing, "delta": config.huber_delta}
+    options.update({k: v for k, v in flags.items() if v is not None})
+    return {k: v for k, v in options.items() if v != _LOSS_OPTIONS[k]}
 
 
 def resolve_optimizer(model: keras.Model, config: ConvertConfig) -> OptimizerConfig:
-    """Optimizer settings: the flags win, then the compiled optimizer, then SGD 0.01."""
+    """Optimizer settings: the flags win, then the compiled optimizer, then SGD 0.01.
+
+    ``config.optimizer`` replaces the compiled optimizer without reading it
+    (Keras' defaults for that optimizer, then the other flags); otherwise the
+    compiled one is read, skipping the settings the flags replace.
+    """
     compiled = getattr(model, "optimizer", None)
-    base = OptimizerConfig()
-    if compiled is not None:
-        base = _from_keras_optimizer(compiled)
-    overrides: dict[str, Any] = {  # keyword arguments of dataclasses.replace
-        "name": config.optimizer,
+    if config.optimizer is not None or compiled is None:
+        name = config.optimizer or "sgd"
+        base: dict[str, Any] = {"name": name, "learning_rate": _KERAS_DEFAULT_LR.get(name, 0.001)}
+    else:
+        base = _from_keras_optimizer(compiled, config)
+    flags = {
         "learning_rate": config.learning_rate,
         "momentum": config.momentum,
         "nesterov": config.nesterov,
+        "weight_decay": config.weight_decay,
     }
-    if config.optimizer and config.optimizer != base.name:
-        base = OptimizerConfig(name=config.optimizer, learning_rate=base.learning_rate)
-    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    base.update({k: v for k, v in flags.items() if v is not None})
+    clipping = {"clipnorm": config.clipnorm, "clipvalue": config.clipvalue, "global_clipnorm": config.global_clipnorm}
+    if any(v is not None for v in clipping.values()):
+        base.update(clipping)  # a clipping flag replaces the compiled clipping, whichever kind it was
+    return OptimizerConfig(**base)
 
 
-def _from_keras_optimizer(opt: keras.optimizers.Optimizer) -> OptimizerConfig:
+_KERAS_DEFAULT_LR = {"sgd": 0.01}  # every other Keras optimizer defaults to 0.001
+_KERAS_OPTIMIZERS = {"SGD": "sgd", "Adam": "adam", "AdamW": "adamw", "RMSprop": "rmsprop", "Adagrad": "adagrad"}
+_OPTIMIZER_FIELDS = {  # Keras config keys each optimizer contributes, besides learning rate, decay and clipping
+    "sgd": ("momentum", "nesterov"),
+    "adam": ("beta_1", "beta_2", "epsilon"),
+    "adamw": ("beta_1", "beta_2", "epsilon"),
+    "rmsprop": ("rho", "momentum", "epsilon", "centered"),
+    "adagrad": ("initial_accumulator_value", "epsilon"),
+}
+
+
+def _from_keras_optimizer(opt: keras.optimizers.Optimizer, config: ConvertConfig) -> dict[str, Any]:
+    """``OptimizerConfig`` keyword arguments read from a compiled optimizer; refuses what cannot run."""
     cfg = opt.get_config()
-    name = type(opt).__name__.lower()
-    if name not in ("sgd", "adam"):
+    name = _KERAS_OPTIMIZERS.get(type(opt).__name__)
+    if name is None:
         raise UnsupportedModelError(
-            f"compiled optimizer {type(opt).__name__} is not supported; pass --optimizer sgd|adam"
+            f"compiled optimizer {type(opt).__name__} is not supported; "
+            f"pass --optimizer {'|'.join(OPTIMIZERS)} to replace it"
         )
-    for key in ("weight_decay", "clipnorm", "clipvalue", "global_clipnorm", "gradient_accumulation_steps"):
+    replace = f"pass --optimizer {name} to replace the compiled optimizer with a plain one"
+    for key in ("use_ema", "amsgrad", "gradient_accumulation_steps", "loss_scale_factor"):
         if cfg.get(key):
-            raise UnsupportedModelError(f"optimizer option {key}={cfg[key]!r} is not supported; remove it")
-    if cfg.get("use_ema") or cfg.get("amsgrad"):
-        raise UnsupportedModelError("use_ema and amsgrad are not supported")
-    lr = cfg.get("learning_rate")
-    if not isinstance(lr, (int, float)):
-        raise UnsupportedModelError("learning-rate schedules are not supported; pass --learning-rate")
-    if name == "sgd":
-        return OptimizerConfig("sgd", _f32(lr), _f32(cfg.get("momentum", 0.0)), bool(cfg.get("nesterov", False)))
-    return OptimizerConfig(
-        "adam", _f32(lr), beta_1=_f32(cfg["beta_1"]), beta_2=_f32(cfg["beta_2"]), epsilon=_f32(cfg["epsilon"])
-    )
+            raise UnsupportedModelError(f"optimizer option {key}={cfg[key]!r} is not supported; {replace}")
+    out: dict[str, Any] = {"name": name}
+    if config.learning_rate is None:
+        lr = cfg.get("learning_rate")
+        if not isinstance(lr, (int, float)):
+            raise UnsupportedModelError(
+                "learning-rate schedules are not supported; pass --learning-rate LR for a constant rate"
+            )
+        out["learning_rate"] = _f32(lr)
+    for key in _OPTIMIZER_FIELDS[name]:
+        value = cfg[key]
+        out[key] = value if isinstance(value, bool) else _f32(value)
+    if cfg.get("weight_decay") is not None:
+        out["weight_decay"] = _f32(cfg["weight_decay"])
+    for key in ("clipnorm", "clipvalue", "global_clipnorm"):
+        if cfg.get(key) is not None:
+            out[key] = _f32(cfg[key])
+    return out
 
 
 def _f32(value: float) -> float:
@@ -166,7 +260,7 @@ def build_graph_spec(
         lowered = lowered[:-1]
     if not dropout:
         lowered = [dataclasses.replace(op, active=False) if isinstance(op, ops.Dropout) else op for op in lowered]
-    head = Head(loss, on_logits=from_logits or fused, num_outputs=out_shape[0])
+    head = Head(loss, on_logits=from_logits or fused, num_outputs=out_shape[0], **resolve_loss_options(model, config))
     spec = GraphSpec(tuple(lowered), head, optimizer, config.batch_size, _static_shape(model.inputs[0], "input"))
     return spec, from_logits
 
@@ -189,7 +283,7 @@ def _manifest(
         label=TensorSpec("y", tuple(head.label_shape(b)), head.label_dtype.name),
         output=TensorSpec("output", (b, head.num_outputs), "float32"),
         num_classes=head.num_outputs if head.task == "multiclass" else (2 if head.task == "binary" else 0),
-        loss={"name": head.loss, "from_logits": from_logits},
+        loss={"name": head.loss, "from_logits": from_logits, **head.options},
         optimizer=spec.optimizer.to_json(),
         weights=tuple(TensorSpec(p.name, boundary_shape(p.initial.shape), "float32") for p in spec.params),
         optimizer_state=tuple(state),
@@ -211,6 +305,7 @@ def convert_model(
     """Convert an in-memory Keras model; verify it unless ``config.verify`` is False."""
     optimizer = resolve_optimizer(model, config)
     spec, from_logits = build_graph_spec(model, config, optimizer)
+    _require_loss_options(spec.head, resolve_loss_options(model, config))
     module = TrainingModule(spec)
     log(f"lowered {len(spec.ops)} ops, {sum(p.initial.size for p in spec.params):,} parameters; converting")
     with tempfile.TemporaryDirectory(prefix="litefed-") as tmp:
@@ -222,6 +317,16 @@ def convert_model(
         report = _verify(model, config, optimizer, spec, tflite, manifest, log)
         manifest = dataclasses.replace(manifest, verification=report.to_json())
     return ConvertedModel(tflite, manifest, report)
+
+
+def _require_loss_options(head: Head, wanted: dict[str, float]) -> None:
+    """Refuse to train a loss other than the one asked for (an option the head did not take)."""
+    for key, value in wanted.items():
+        if head.options.get(key) != value:
+            raise UnsupportedModelError(
+                f"loss option {key}={value!r} is not supported for {head.loss} yet; "
+                f"pass --loss {head.loss} to train without it"
+            )
 
 
 def _require_builtin_only(tflite: bytes) -> None:

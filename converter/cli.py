@@ -26,7 +26,16 @@ from edge_client.errors import EdgeClientError
 
 PROG = "litefed-convert"
 
-LOSS_CHOICES = ("sparse_categorical_crossentropy", "binary_crossentropy", "mean_squared_error")
+# converter.losses.LOSSES and converter.optimizers.OPTIMIZERS, without importing TensorFlow for --help.
+LOSS_CHOICES = (
+    "sparse_categorical_crossentropy",
+    "categorical_crossentropy",
+    "binary_crossentropy",
+    "mean_squared_error",
+    "mean_absolute_error",
+    "huber",
+)
+OPTIMIZER_CHOICES = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
 
 DESCRIPTION = """\
 Convert a Keras model into a TensorFlow Lite (LiteRT) model that can be
@@ -41,7 +50,8 @@ ops are present and that a LiteRT train step matches TensorFlow's.
 
 EPILOG = """\
 SPEC is one of:
-  model.keras               a saved Keras model (its compiled loss/optimizer are the defaults)
+  model.keras               a saved Keras model (its compiled loss/optimizer are the defaults;
+                            a flag replaces what the model was compiled with)
   path/to/file.py:build     a function in a file that returns a keras.Model
   package.module:build      the same, from an importable module
 
@@ -58,17 +68,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT.tflite", help="where to write the model")
     p.add_argument("--batch-size", type=int, required=True, metavar="N", help="fixed training batch size (static)")
     g = p.add_argument_group("training (defaults: the model's compiled loss and optimizer, else SGD 0.01)")
-    g.add_argument("--loss", choices=LOSS_CHOICES, help="loss the train signature minimises")
+    g.add_argument("--loss", choices=LOSS_CHOICES, help="loss the train signature minimises; replaces the compiled one")
+    g.add_argument(
+        "--label-smoothing", type=float, metavar="S", help="label smoothing (categorical and binary cross-entropy)"
+    )
+    g.add_argument("--huber-delta", type=float, metavar="D", help="Huber loss delta (default 1.0)")
     g.add_argument(
         "--from-logits",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="the model outputs logits (no final softmax/sigmoid)",
     )
-    g.add_argument("--optimizer", choices=("sgd", "adam"), help="on-device optimizer")
+    g.add_argument(
+        "--optimizer",
+        choices=OPTIMIZER_CHOICES,
+        help="on-device optimizer; replaces the compiled one (Keras' defaults for what no flag sets)",
+    )
     g.add_argument("--learning-rate", type=float, metavar="LR", help="default learning rate (train also takes lr)")
-    g.add_argument("--momentum", type=float, metavar="M", help="SGD momentum")
+    g.add_argument("--momentum", type=float, metavar="M", help="SGD or RMSprop momentum")
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum")
+    g.add_argument("--weight-decay", type=float, metavar="WD", help="decoupled weight decay (AdamW's, any optimizer)")
+    clip = g.add_mutually_exclusive_group()
+    clip.add_argument("--clipnorm", type=float, metavar="C", help="clip each gradient tensor to norm C")
+    clip.add_argument("--global-clipnorm", type=float, metavar="C", help="clip all gradients to global norm C")
+    clip.add_argument("--clipvalue", type=float, metavar="C", help="clip every gradient element to [-C, C]")
     v = p.add_argument_group("verification")
     v.add_argument("--no-verify", action="store_true", help="skip the comparison against TensorFlow")
     v.add_argument("--verify-steps", type=int, default=3, metavar="N", help="train steps compared (default 3)")
@@ -114,10 +137,16 @@ def _convert(args: argparse.Namespace, log) -> None:
         batch_size=args.batch_size,
         loss=args.loss,
         from_logits=args.from_logits,
+        label_smoothing=args.label_smoothing,
+        huber_delta=args.huber_delta,
         optimizer=args.optimizer,
         learning_rate=args.learning_rate,
         momentum=args.momentum,
         nesterov=args.nesterov,
+        weight_decay=args.weight_decay,
+        clipnorm=args.clipnorm,
+        clipvalue=args.clipvalue,
+        global_clipnorm=args.global_clipnorm,
         verify=not args.no_verify,
         verify_steps=args.verify_steps,
         tolerance=args.tolerance,

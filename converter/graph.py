@@ -104,9 +104,8 @@ class TrainingModule(tf.Module):
         lr, mu = tf.reshape(lr, []), tf.reshape(mu, [])  # shape-[1] inputs, see the module docstring
         params = [w.read_value() for w in self.weights]
         out, caches = self._forward(x, params, training=True)
-        weight_sum = tf.maximum(tf.reduce_sum(sample_weight), 1e-12)
-        scale = sample_weight / weight_sum
         head = self.spec.head
+        scale = head.batch_scale(sample_weight)  # Keras' sum(w*l)/N, padding rows not counted
         grads = self._backward(head.output_grad(out, y, scale), caches, params)
         grads = tf.cond(mu > 0.0, lambda: self._proximal(grads, params, mu), lambda: grads)
         result = {"loss": tf.reduce_sum(head.per_example(out, y) * scale)}

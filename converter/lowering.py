@@ -2,17 +2,25 @@
 
 Anything outside the supported set is refused here, with the layer's name
 and the list of what is supported, so no half-working model is written.
+
+Transfer learning: the frozen part below the lowest trainable layer becomes one
+:class:`converter.frozen.FrozenPrefix` (inference only, constant weights);
+frozen layers above it become :class:`converter.ops.Frozen` ops (constant
+weights, input gradient only); trainable nested models are flattened.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import keras
 import numpy as np
 
 from converter import ops
 from converter.errors import UnsupportedModelError
+from converter.frozen import FROZEN_LAYERS, FrozenPrefix, leaf_layers
 
 
 def _unsupported(layer: keras.layers.Layer, why: str) -> UnsupportedModelError:
@@ -23,11 +31,16 @@ def _unsupported(layer: keras.layers.Layer, why: str) -> UnsupportedModelError:
     )
 
 
-def activation_name(layer: keras.layers.Layer, fn: Callable) -> str:
-    name = getattr(fn, "__name__", type(fn).__name__)
-    if name not in ops.ACTIVATIONS:
-        raise _unsupported(layer, f"activation {name!r} is not supported")
-    return name
+def activation_op(layer: keras.layers.Layer, fn: Callable, name: str) -> ops.Activation:
+    """The op for a Keras activation function (``relu6`` and ``leaky_relu`` are parametrised ReLUs)."""
+    kind = getattr(fn, "__name__", type(fn).__name__)
+    if kind not in ops.ACTIVATIONS:
+        raise _unsupported(layer, f"activation {kind!r} is not supported")
+    if kind == "relu6":
+        return ops.Activation(name, kind="relu", max_value=6.0)
+    if kind == "leaky_relu":  # keras.activations.leaky_relu's default slope
+        return ops.Activation(name, kind="relu", negative_slope=0.2)
+    return ops.Activation(name, kind=kind)
 
 
 def _check_plain(layer: keras.layers.Layer) -> None:
@@ -46,21 +59,33 @@ def _check_plain(layer: keras.layers.Layer) -> None:
 
 def _params(layer: keras.layers.Layer) -> list[ops.Param]:
     names = ["kernel", "bias"] if getattr(layer, "use_bias", False) else ["kernel"]
-    values = [np.asarray(keras.ops.convert_to_numpy(v), np.float32) for v in layer.trainable_weights]
+    values = _weight_values(layer)
     if len(values) != len(names):
         raise _unsupported(layer, f"expected weights {names}, found {len(values)} tensors")
     return [ops.Param(f"{layer.name}/{n}", v) for n, v in zip(names, values, strict=True)]
 
 
+def _weight_values(layer: keras.layers.Layer) -> list[np.ndarray]:
+    return [np.asarray(keras.ops.convert_to_numpy(v), np.float32) for v in layer.weights]
+
+
+def _with_params(layer, op: ops.Op) -> ops.Op:
+    """``op`` training the layer's weights, or, for a frozen layer, holding them as constants."""
+    if layer.trainable_weights:
+        return dataclasses.replace(op, params=_params(layer))
+    params = _params(layer)  # checks the weights are what the op expects
+    return ops.Frozen(layer.name, inner=op, values=tuple(p.initial for p in params))
+
+
 def _with_activation(layer, op: ops.Op) -> list[ops.Op]:
-    kind = activation_name(layer, layer.activation)
-    return [op] if kind == "linear" else [op, ops.Activation(layer.name, kind=kind)]
+    act = activation_op(layer, layer.activation, layer.name)
+    return [op] if act.kind == "linear" else [op, act]
 
 
 def _lower_dense(layer) -> list[ops.Op]:
     if len(layer.input.shape) != 2:
         raise _unsupported(layer, "Dense is supported on (batch, features) inputs; add a Flatten")
-    return _with_activation(layer, ops.Dense(layer.name, params=_params(layer)))
+    return _with_activation(layer, _with_params(layer, ops.Dense(layer.name)))
 
 
 def _lower_conv(layer) -> list[ops.Op]:
@@ -68,8 +93,8 @@ def _lower_conv(layer) -> list[ops.Op]:
         raise _unsupported(layer, "dilated or grouped convolutions are not supported")
     if layer.padding not in ("valid", "same"):
         raise _unsupported(layer, f"padding {layer.padding!r} is not supported")
-    op = ops.Conv2D(layer.name, params=_params(layer), strides=tuple(layer.strides), padding=layer.padding)
-    return _with_activation(layer, op)
+    op = ops.Conv2D(layer.name, strides=tuple(layer.strides), padding=layer.padding)
+    return _with_activation(layer, _with_params(layer, op))
 
 
 def _lower_pool(layer, cls) -> list[ops.Op]:
@@ -78,9 +103,14 @@ def _lower_pool(layer, cls) -> list[ops.Op]:
 
 
 def _lower_relu(layer) -> list[ops.Op]:
-    if layer.max_value is not None or float(layer.negative_slope) != 0 or float(layer.threshold) != 0:
-        raise _unsupported(layer, "only plain ReLU (no max_value, negative_slope, threshold)")
-    return [ops.Activation(layer.name, kind="relu")]
+    if float(layer.negative_slope) != 0 or float(layer.threshold) != 0:
+        raise _unsupported(layer, "ReLU with negative_slope or threshold is not supported; use LeakyReLU")
+    max_value = None if layer.max_value is None else float(layer.max_value)
+    return [ops.Activation(layer.name, kind="relu", max_value=max_value)]
+
+
+def _lower_global_pool(layer, kind: str) -> list[ops.Op]:
+    return [ops.GlobalPool2D(layer.name, kind=kind, keepdims=bool(layer.keepdims))]
 
 
 def _lower_softmax(layer) -> list[ops.Op]:
@@ -111,8 +141,11 @@ _LOWERINGS: dict[str, Callable[[keras.layers.Layer], list[ops.Op]]] = {
     "Reshape": lambda layer: [ops.Reshape(layer.name, target=tuple(layer.target_shape))],
     "Dropout": _lower_dropout,
     "Rescaling": _lower_rescaling,
-    "Activation": lambda layer: [ops.Activation(layer.name, kind=activation_name(layer, layer.activation))],
+    "Activation": lambda layer: [activation_op(layer, layer.activation, layer.name)],
     "ReLU": _lower_relu,
+    "LeakyReLU": lambda layer: [ops.Activation(layer.name, kind="relu", negative_slope=float(layer.negative_slope))],
+    "GlobalAveragePooling2D": lambda layer: _lower_global_pool(layer, "mean"),
+    "GlobalMaxPooling2D": lambda layer: _lower_global_pool(layer, "max"),
     "Softmax": _lower_softmax,
 }
 
@@ -120,33 +153,116 @@ SUPPORTED_LAYERS: tuple[str, ...] = tuple(_LOWERINGS)
 """The Keras layer types litefed lowers, read from the lowering table so the two cannot drift apart."""
 
 
-def sequential_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    """The model's layers in order, if it is a single chain; else a clear error."""
-    if isinstance(model, keras.Sequential):
-        return list(model.layers)
-    layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
+def lower_model(model: keras.Model) -> list[ops.Op]:
+    """Lower every layer of ``model`` or raise :class:`UnsupportedModelError`.
+
+    The layers from the model's input to the lowest trainable layer become
+    one :class:`FrozenPrefix` when they hold frozen weights (transfer learning);
+    the layers above it are lowered one by one, frozen ones with constant weights.
+    """
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise UnsupportedModelError("only models with one input and one output are supported")
-    previous = model.inputs[0]
-    for layer in layers:
-        if layer.input is not previous:
-            raise UnsupportedModelError(
-                f"layer {layer.name!r} does not simply follow the previous layer; "
-                "litefed supports sequential chains of layers (no branches or skips)"
-            )
-        previous = layer.output
-    return layers
-
-
-def lower_model(model: keras.Model) -> list[ops.Op]:
-    """Lower every layer of ``model`` or raise :class:`UnsupportedModelError`."""
-    result: list[ops.Op] = []
-    for layer in sequential_layers(model):
-        kind = type(layer).__name__
-        if kind not in _LOWERINGS:
-            raise _unsupported(layer, "this layer type is not supported")
-        _check_plain(layer)
-        result.extend(_LOWERINGS[kind](layer))
+    blocks = chain_blocks(model)
+    first = next((i for i, b in enumerate(blocks) if _is_trainable_layer(b)), None)
+    if first is None:
+        frozen = " (all its layers are frozen: set trainable=True on the layers to train)" if model.weights else ""
+        raise UnsupportedModelError(f"the model has no trainable Dense or Conv2D layer{frozen}")
+    frozen_top = max((i for i in range(first) if _is_frozen_block(blocks[i])), default=-1)
+    while frozen_top >= 0 and frozen_top + 1 < first and _runs_frozen(blocks[frozen_top + 1]):
+        frozen_top += 1  # e.g. the ReLU6 and pooling on top of a base: fused and run as inference too
+    result: list[ops.Op] = [FrozenPrefix.of(blocks[: frozen_top + 1])] if frozen_top >= 0 else []
+    for block in blocks[frozen_top + 1 :]:
+        for layer in _frozen_chain(block) if isinstance(block, keras.Model) else [block]:
+            result.extend(_lower_layer(layer))
     if not any(op.params for op in result):
         raise UnsupportedModelError("the model has no trainable Dense or Conv2D layer")
     return result
+
+
+def _lower_layer(layer: keras.layers.Layer) -> list[ops.Op]:
+    kind = type(layer).__name__
+    if kind not in _LOWERINGS:
+        raise _unsupported(layer, "this layer type is not supported")
+    _check_plain(layer)
+    return _LOWERINGS[kind](layer)
+
+
+def _is_trainable_layer(block: keras.layers.Layer) -> bool:
+    return not isinstance(block, keras.Model) and bool(block.trainable_weights)
+
+
+def _is_frozen_block(block: keras.layers.Layer) -> bool:
+    """A frozen model or sub-graph, or a layer whose weights are all frozen."""
+    return isinstance(block, keras.Model) or bool(block.weights)
+
+
+def _runs_frozen(layer: keras.layers.Layer) -> bool:
+    """A weightless layer the frozen part can take in (Dropout stays out: it must train as Dropout)."""
+    kind = type(layer).__name__
+    return not isinstance(layer, keras.Model) and kind in FROZEN_LAYERS and kind != "Dropout"
+
+
+def _frozen_chain(block: keras.Model) -> list[keras.layers.Layer]:
+    """A frozen nested model above the lowest trainable layer: its layers, lowered with constant weights."""
+    layers: list[keras.layers.Layer] = []
+    for layer in chain_blocks(block):
+        if layer.name.endswith("_frozen_part"):  # cut out of a functional graph by _functional_chain
+            raise UnsupportedModelError(
+                f"the frozen model {block.name!r} branches and sits above the lowest trainable layer, which "
+                "would need its backward pass; litefed supports branches only below the lowest trainable layer"
+            )
+        layers.extend(_frozen_chain(layer) if isinstance(layer, keras.Model) else [layer])
+    return layers
+
+
+def chain_blocks(model: keras.Model) -> list[keras.layers.Layer]:
+    """The model as a chain of blocks from its input to its output.
+
+    A block is a layer; a frozen nested model (kept whole); or a frozen
+    ``keras.Model`` cut out of a functional graph below the chain, where
+    branches merge. Trainable nested models are flattened into their layers.
+    Refuses trainable layers inside branches.
+    """
+    if isinstance(model, keras.Sequential):
+        bottom, layers = None, [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
+    else:
+        bottom, layers = _functional_chain(model)
+    blocks: list[keras.layers.Layer] = [bottom] if bottom is not None else []
+    for layer in layers:
+        if isinstance(layer, keras.Model) and layer.trainable_weights:
+            blocks.extend(chain_blocks(layer))
+        else:
+            blocks.append(layer)
+    return blocks
+
+
+def _functional_chain(model: keras.Model) -> tuple[keras.Model | None, list[keras.layers.Layer]]:
+    """Walk back from the output through single-input layers; what is left below is one frozen block."""
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise UnsupportedModelError(f"model {model.name!r}: only models with one input and one output are supported")
+    layers: list[keras.layers.Layer] = []
+    tensor = model.outputs[0]
+    while tensor is not model.inputs[0]:
+        layer, node = _producer(tensor)
+        if len(node.input_tensors) != 1 or len(layer._inbound_nodes) != 1:
+            break
+        layers.insert(0, layer)
+        tensor = node.input_tensors[0]
+    if tensor is model.inputs[0]:
+        return None, layers
+    bottom = keras.Model(model.inputs, tensor, name=f"{model.name}_frozen_part")  # the name _frozen_chain checks
+    if bottom.trainable_weights:
+        merge = _producer(tensor)[0]
+        trainable = sorted({layer.name for layer in leaf_layers(bottom) if layer.trainable_weights})
+        raise UnsupportedModelError(
+            f"layer {merge.name!r} ({type(merge).__name__}) joins branches (or reuses a layer) below the trainable "
+            f"layers {', '.join(trainable)}; litefed supports sequential chains of trainable layers, with branches, "
+            "skips and merges only in a frozen part below them (freeze those layers: trainable=False)"
+        )
+    return bottom, layers
+
+
+def _producer(tensor) -> tuple[keras.layers.Layer, Any]:
+    """The layer that computed a symbolic tensor, and the call (node) that did."""
+    history = tensor._keras_history
+    return history.operation, history.operation._inbound_nodes[history.node_index]

@@ -182,23 +182,40 @@ class Rescale(Op):
         return dy * tf.constant(self.scale, dy.dtype), []
 
 
-ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh", "softmax")
+ACTIVATIONS = ("linear", "relu", "relu6", "leaky_relu", "sigmoid", "tanh", "softmax")
 
 
 @dataclass
 class Activation(Op):
+    """An element-wise activation; ``relu`` also covers ReLU6/``ReLU(max_value)`` and LeakyReLU."""
+
     kind: str = "linear"
+    max_value: float | None = None  # relu only
+    negative_slope: float = 0.0  # relu only
 
     def forward(self, x, params, training):
         if self.kind == "relu":
-            # x * (x > 0) rather than RELU: the TFLite converter fuses a RELU into
-            # a preceding bias-free matmul as BATCH_MATMUL, which has no activation
-            # slot, and the ReLU is silently lost. The mask is the backward pass too.
-            mask = tf.cast(x > 0, x.dtype)
-            return x * mask, mask
+            return self._relu(x)
         fn = {"linear": tf.identity, "sigmoid": tf.sigmoid, "tanh": tf.tanh, "softmax": tf.nn.softmax}[self.kind]
         y = fn(x)
         return y, y
+
+    def _relu(self, x):
+        # x * slope rather than RELU/RELU6/LEAKY_RELU: the TFLite converter fuses a RELU
+        # or RELU6 into a preceding bias-free matmul as BATCH_MATMUL, which has no
+        # activation slot, and the activation is silently lost. The slope is the backward pass.
+        positive = tf.cast(x > 0, x.dtype)
+        if self.max_value is None and self.negative_slope == 0:
+            return x * positive, positive
+        slope = positive
+        saturated = None
+        if self.max_value is not None:
+            saturated = tf.cast(x >= self.max_value, x.dtype)
+            slope = positive - saturated  # 1 on (0, max), as Relu6Grad and clip's gradient
+        if self.negative_slope:
+            slope = slope + self.negative_slope * (1.0 - positive)
+        y = x * slope
+        return (y if saturated is None else y + self.max_value * saturated), slope
 
     def backward(self, dy, cache, params, need_dx):
         if self.kind == "relu":
@@ -212,4 +229,56 @@ class Activation(Op):
             dx = y * (dy - tf.reduce_sum(dy * y, axis=-1, keepdims=True))
         else:
             dx = dy
+        return dx, []
+
+
+@dataclass
+class GlobalPool2D(Op):
+    """GlobalAveragePooling2D (``mean``) and GlobalMaxPooling2D (``max``) over H and W."""
+
+    kind: str = "mean"
+    keepdims: bool = False
+
+    def forward(self, x, params, training):
+        reduce = tf.reduce_mean if self.kind == "mean" else tf.reduce_max
+        y = reduce(x, axis=[1, 2], keepdims=True)
+        return (y if self.keepdims else tf.reshape(y, [x.shape[0], x.shape[3]])), (x, y)
+
+    def backward(self, dy, cache, params, need_dx):
+        x, y = cache
+        dy = tf.reshape(dy, [x.shape[0], 1, 1, x.shape[3]])
+        if self.kind == "mean":
+            # A broadcasting MUL by a constant 1/(H*W) spreads the gradient over H x W.
+            share = tf.constant(np.full((1, x.shape[1], x.shape[2], 1), 1.0 / (x.shape[1] * x.shape[2]), np.float32))
+            return dy * share, []
+        # TensorFlow's reduce_max gradient: ties share the gradient equally.
+        hits = tf.cast(tf.equal(x, y), x.dtype)
+        return hits * (dy / tf.reduce_sum(hits, axis=[1, 2], keepdims=True)), []
+
+
+@dataclass
+class Frozen(Op):
+    """A layer with frozen weights above the lowest trainable one.
+
+    Its weights are graph constants (not variables, not in ``get_weights``);
+    only the input gradient flows through it. The inner op's weight gradients
+    are never used, so the TFLite converter drops them as dead code.
+    """
+
+    inner: Op | None = None  # always given; a default only because Op's fields have defaults
+    values: tuple[np.ndarray, ...] = ()
+
+    def _op(self) -> Op:
+        if self.inner is None:
+            raise ValueError(f"Frozen op {self.layer!r} has no inner op")
+        return self.inner
+
+    def forward(self, x, params, training):
+        constants = [tf.constant(v) for v in self.values]
+        y, cache = self._op().forward(x, constants, training)
+        return y, (cache, constants)
+
+    def backward(self, dy, cache, params, need_dx):
+        inner_cache, constants = cache
+        dx, _ = self._op().backward(dy, inner_cache, constants, need_dx)
         return dx, []

@@ -15,12 +15,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from converter import losses
+from converter.frozen import leaf_layers
 from converter.optimizers import OptimizerConfig
-
-_LOSS_CLASSES = {
-    "sparse_categorical_crossentropy": keras.losses.SparseCategoricalCrossentropy,
-    "binary_crossentropy": keras.losses.BinaryCrossentropy,
-}
 
 
 @dataclass(frozen=True)
@@ -30,24 +27,31 @@ class Batch:
     sample_weight: np.ndarray
 
 
-def keras_loss(loss: str, from_logits: bool) -> keras.losses.Loss:
-    """The Keras loss with our reduction: sum(w*l) / sum(w)."""
-    if loss == "mean_squared_error":
-        return keras.losses.MeanSquaredError(reduction="mean_with_sample_weight")
-    return _LOSS_CLASSES[loss](from_logits=from_logits, reduction="mean_with_sample_weight")
+def keras_loss(loss: str, from_logits: bool, **options) -> keras.losses.Loss:
+    """The Keras loss with Keras' default reduction: sum(w*l) / N."""
+    return losses.keras_loss(loss, from_logits, **options)
 
 
 def keras_optimizer(config: OptimizerConfig, learning_rate: float) -> keras.optimizers.Optimizer:
-    if config.name == "adam":
-        return keras.optimizers.Adam(learning_rate, config.beta_1, config.beta_2, config.epsilon)
-    return keras.optimizers.SGD(learning_rate, momentum=config.momentum, nesterov=config.nesterov)
+    return config.to_keras(learning_rate)
+
+
+def _real_rows(batch: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The batch without its padding (weight-0 rows): Keras' own last batch is just shorter.
+
+    A batch of padding only is kept whole: its loss and gradients are 0 either way.
+    """
+    real = batch.sample_weight > 0
+    if not real.any():
+        return batch.x, batch.y, batch.sample_weight
+    return batch.x[real], batch.y[real], batch.sample_weight[real]
 
 
 def named_weights(model: keras.Model) -> dict[str, np.ndarray]:
-    """Trainable weights as ``{"layer/kernel": array}``."""
+    """Trainable weights as ``{"layer/kernel": array}``, named after the leaf layers (nested models flattened)."""
     return {
         f"{layer.name}/{v.name}": np.array(keras.ops.convert_to_numpy(v))
-        for layer in model.layers
+        for layer in leaf_layers(model)
         for v in layer.trainable_weights
     }
 
@@ -60,6 +64,7 @@ def reference_steps(
     batches: list[Batch],
     learning_rate: float,
     mu: float = 0.0,
+    loss_options: dict | None = None,
 ) -> tuple[list[float], dict[str, np.ndarray]]:
     """Run one Keras step per batch on a copy of ``model``.
 
@@ -68,7 +73,7 @@ def reference_steps(
     """
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
-    loss_fn = keras_loss(loss, from_logits)
+    loss_fn = keras_loss(loss, from_logits, **(loss_options or {}))
     opt = keras_optimizer(optimizer, learning_rate)
     variables = clone.trainable_variables
     anchors = [tf.constant(keras.ops.convert_to_numpy(v)) for v in variables]
@@ -82,5 +87,5 @@ def reference_steps(
         opt.apply_gradients(zip(tape.gradient(total, variables), variables, strict=True))
         return value
 
-    losses = [float(step(b.x, b.y, b.sample_weight)) for b in batches]
-    return losses, named_weights(clone)
+    step_losses = [float(step(*_real_rows(b))) for b in batches]
+    return step_losses, named_weights(clone)

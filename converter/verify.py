@@ -51,7 +51,10 @@ def random_batches(
     for _ in range(steps):
         shape = manifest.input.shape
         x = (make_x(rng, shape) if make_x else rng.uniform(0.0, 1.0, shape)).astype(manifest.input.dtype)
-        if manifest.task == "multiclass":
+        if manifest.task == "multiclass" and len(manifest.label.shape) == 2:  # one-hot (categorical)
+            ids = rng.integers(0, manifest.num_classes, manifest.batch_size)
+            y = np.eye(manifest.num_classes, dtype=np.float32)[ids]
+        elif manifest.task == "multiclass":
             y = rng.integers(0, manifest.num_classes, manifest.label.shape).astype(np.int32)
         elif manifest.task == "binary":
             y = rng.integers(0, 2, manifest.label.shape).astype(np.float32)
@@ -96,7 +99,10 @@ def verify_against_keras(
 
     lr = optimizer.learning_rate
     got_losses = [runtime.train_step(b.x, b.y, b.sample_weight, lr=lr).loss for b in batches]
-    ref_losses, ref_weights = reference_steps(model, manifest.loss["name"], from_logits, optimizer, batches, lr)
+    options = {k: v for k, v in manifest.loss.items() if k not in ("name", "from_logits")}
+    ref_losses, ref_weights = reference_steps(
+        model, manifest.loss["name"], from_logits, optimizer, batches, lr, loss_options=options
+    )
     loss_diff = float(np.max(np.abs(np.subtract(got_losses, ref_losses))))
     weight_diff = 0.0
     for name, array in runtime.get_weights():

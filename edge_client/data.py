@@ -308,7 +308,11 @@ def _warn_if_raw_pixels(x: np.ndarray) -> None:
 
 
 def _prepare_labels(y: np.ndarray, manifest: Manifest) -> np.ndarray:
-    expected = tuple(manifest.label.shape[1:])  # () for multiclass, (K,) otherwise
+    expected = tuple(manifest.label.shape[1:])  # () for class ids, (K,) otherwise
+    one_hot = manifest.task == "multiclass" and expected != ()  # categorical cross-entropy
+    if one_hot and y.ndim == 1 and y.dtype.kind in _NUMERIC:
+        _check_class_ids(y, manifest.num_classes)  # class ids (image folders, most files): one-hot them
+        y = np.eye(manifest.num_classes, dtype=np.float32)[y.astype(np.int64)]
     if expected == (1,) and y.ndim == 1:
         y = y[:, None]  # [N] binary or regression targets for a [N, 1] label
     elif expected == () and y.shape[1:] == (1,):
@@ -320,10 +324,10 @@ def _prepare_labels(y: np.ndarray, manifest: Manifest) -> np.ndarray:
         )
     if y.dtype.kind not in _NUMERIC or not np.isfinite(y).all():
         raise DataError(f"labels must be finite numbers, got dtype {y.dtype} or NaN/Inf values")
-    if manifest.task == "multiclass":
+    if manifest.task == "multiclass" and not one_hot:
         _check_class_ids(y, manifest.num_classes)
-    elif manifest.task == "binary" and ((y < 0) | (y > 1)).any():
-        raise DataError("binary labels must lie in [0, 1] (0 or 1 for hard labels)")
+    elif (manifest.task == "binary" or one_hot) and ((y < 0) | (y > 1)).any():
+        raise DataError(f"{manifest.task} labels must lie in [0, 1] (0 or 1 for hard labels)")
     return np.ascontiguousarray(y, dtype=manifest.label.dtype)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import subprocess
 import sys
@@ -45,6 +46,9 @@ def make_manifest(task: str, input_shape: tuple[int, ...], num_outputs: int) -> 
 MNIST_LIKE = make_manifest("multiclass", (28, 28, 1), 10)
 BINARY = make_manifest("binary", (4,), 1)
 REGRESSION = make_manifest("regression", (3,), 2)
+ONE_HOT = dataclasses.replace(  # categorical cross-entropy: a [B, K] float label
+    make_manifest("multiclass", (4,), 3), label=TensorSpec("y", (BATCH, 3), "float32")
+)
 
 
 # -- load_npz ------------------------------------------------------------------------
@@ -260,6 +264,19 @@ def test_prepare_binary_and_regression_labels():
     np.testing.assert_array_equal(py, [[1.0], [0.0]])
     _, py = prepare_for_model(np.ones((2, 3)), np.array([[0.5, -2.0], [3.0, 4.0]]), REGRESSION)
     np.testing.assert_array_equal(py, np.array([[0.5, -2.0], [3.0, 4.0]], np.float32))
+
+
+def test_class_ids_become_one_hot_for_a_categorical_model_and_soft_labels_pass():
+    x = np.ones((3, 4))
+    _, py = prepare_for_model(x, np.array([2, 0, 1]), ONE_HOT)
+    np.testing.assert_array_equal(py, np.eye(3, dtype=np.float32)[[2, 0, 1]])
+    soft = np.array([[0.2, 0.8, 0.0], [1, 0, 0], [0, 0.5, 0.5]])
+    _, py = prepare_for_model(x, soft, ONE_HOT)
+    assert py.dtype == np.float32 and py.shape == (3, 3)
+    with pytest.raises(DataError, match=r"in \[0, 3\)"):
+        prepare_for_model(x, np.array([0, 3, 1]), ONE_HOT)
+    with pytest.raises(DataError, match=r"lie in \[0, 1\]"):
+        prepare_for_model(x, soft * 2, ONE_HOT)
 
 
 @pytest.mark.parametrize(
