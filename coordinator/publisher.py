@@ -47,8 +47,7 @@ class Publisher:
         self.bytes_out = 0
         self._chunks: dict[str, int] = {}  # retained chunk topics written per family
         self._announcement = b""  # the retained round, as published
-        self._meta: bytes | None = None
-        self._model: tuple[bytes, int] | None = None  # the model and its chunk count, once published
+        self._model: tuple[bytes, bytes] | None = None  # the model and its sealed meta, once published
         self._global: tuple[bytes, bytes] | None = None  # (frame, what is published for it)
 
     @property
@@ -80,10 +79,9 @@ class Publisher:
     def model(self, model: bytes, sha256: str, manifest: Manifest) -> int:
         """Publish the model's chunks, then its meta (retained); the number of chunks."""
         count = self._publish_chunked("model", self.topics.model_chunk, model)
-        self._model = (model, count)
-        if self._meta is None:
-            self._meta = self._seal("model_meta", ModelMeta(sha256, len(model), count, manifest.to_json()).to_bytes())
-        self._publish(self.topics.model_meta, self._meta, retain=True)
+        meta = ModelMeta(sha256, len(model), count, manifest.to_json())
+        self._model = (model, self._seal("model_meta", meta.to_bytes()))
+        self._publish(self.topics.model_meta, self._model[1], retain=True)
         return count
 
     def global_frame(self, frame: bytes) -> None:
@@ -103,7 +101,7 @@ class Publisher:
             log.warning("reconnected to the broker: publishing the model, the global weights and the round again")
             if self._model is not None:
                 self._publish_chunked("model", self.topics.model_chunk, self._model[0])
-                self._publish(self.topics.model_meta, self._meta or b"", retain=True)
+                self._publish(self.topics.model_meta, self._model[1], retain=True)
             if self._global is not None:
                 self._publish_chunked("global", self.topics.global_chunk, self._global[1])
             self._publish(self.topics.round, self._announcement, retain=True)

@@ -85,7 +85,7 @@ class TrustKey:
 
     def open(self, kind: str, envelope: bytes) -> Signed:
         """The body of ``envelope`` and its issue time, if this key signed it as ``kind``; else ``ProtocolError``."""
-        if len(envelope) < HEADER_SIZE or envelope[:4] != MAGIC:
+        if len(envelope) < HEADER_SIZE or not is_envelope(envelope):
             raise ProtocolError(UNSIGNED, f"{kind} is not signed: boards accept only what the coordinator signed")
         magic, version, key_id, issued, signature = _HEADER.unpack_from(envelope)
         if version != VERSION:
