@@ -117,8 +117,6 @@ def write_client_files(
     its client's CA, certificate and key there, and the coordinator's public
     key (``trust_key``), relative to the file.
     """
-    from coordinator.provision import TRUST_KEY
-
     configs: list[Path] = []
     for client_id, indices in zip(client_ids(len(parts)), parts, strict=True):
         directory = out / "clients" / client_id
@@ -126,7 +124,7 @@ def write_client_files(
         np.savez(directory / "data.npz", x=x[indices], y=y[indices])
         tls = {} if identities is None else identities.tls_files(client_id)
         if identities is not None:  # the coordinator signs: boards act only on what it signed
-            tls["trust_key"] = identities.out / "boards" / client_id / TRUST_KEY
+            tls["trust_key"] = identities.trust_key(client_id)
         config = directory / "client.toml"
         config.write_text(
             f'client_id = "{client_id}"\n'
@@ -179,7 +177,7 @@ def runs_secure(settings: EmulateSettings) -> bool:
         why = "--broker amqtt" if settings.broker_kind == "amqtt" else "mosquitto is not installed"
         log.warning(
             "INSECURE emulation (%s: amqtt cannot require client certificates nor apply the ACL): %s; install "
-            "mosquitto (scripts/setup.sh --dev, or apt-get install mosquitto) for the secure path, or pass --insecure",
+            "mosquitto (scripts/setup.sh, or apt-get install mosquitto) for the secure path, or pass --insecure",
             why,
             insecure,
         )
@@ -318,9 +316,7 @@ def _coordinator_settings(
     service = coordinator.service
     if fleet is None:
         return coordinator
-    from coordinator.provision import SIGNING_KEY
-
-    service = dataclasses.replace(service, signing_key=fleet.out / "coordinator" / SIGNING_KEY)
+    service = dataclasses.replace(service, signing_key=fleet.signing_key)
     if service.bounds.allowed_clients is None:
         bounds = dataclasses.replace(service.bounds, allowed_clients=frozenset(fleet.spec.devices))
         service = dataclasses.replace(service, bounds=bounds)

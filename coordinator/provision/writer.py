@@ -78,6 +78,15 @@ class ProvisionResult:
         """The broker's ``mosquitto.conf``."""
         return self.out / "mosquitto" / "mosquitto.conf"
 
+    @property
+    def signing_key(self) -> Path:
+        """The coordinator's Ed25519 signing key (``--signing-key``)."""
+        return self.out / "coordinator" / SIGNING_KEY
+
+    def trust_key(self, device: str) -> Path:
+        """Board ``device``'s copy of the signing key's public half (its ``trust_key``)."""
+        return self.out / "boards" / device / TRUST_KEY
+
     def tls_files(self, identity: str) -> dict[str, Path]:
         """``ca_file``, ``cert_file`` and ``key_file`` of a device or of the coordinator (``spec.coordinator``).
 
@@ -227,7 +236,7 @@ def _board(
     else:
         _identity(writer, folder / "client.key", folder / "client.crt", device, ca, days, "client")
     writer.file(folder / "ca.pem", cert_pem(ca.cert))
-    writer.file(folder / TRUST_KEY, trust.pem())
+    writer.file(writer.result.trust_key(device), trust.pem())
     config = client_toml(spec, device, password)
     if not new and _read(folder / "client.toml") != config:
         writer.result.updated.append(device)  # a new broker host or port: the board needs its bundle again
@@ -290,18 +299,20 @@ def _broker(writer: _Writer, out: Path, spec: FleetSpec, ca: Identity, days: int
     writer.file(folder / "mosquitto.conf", mosquitto_conf(spec, broker_dir or str(folder.resolve())))
 
 
-def _signing_key(writer: _Writer, out: Path, provisioned: bool) -> SigningKey:
-    """The coordinator's Ed25519 signing key, kept across re-runs: boards trust its public half only."""
-    path = out / "coordinator" / SIGNING_KEY
+def _signing_key(writer: _Writer) -> SigningKey:
+    """The coordinator's Ed25519 signing key, kept across re-runs: boards trust its public half only.
+
+    Written after the coordinator's folder (0700). A missing key is made anew unless a board already
+    trusts one (a fleet provisioned before signing had none to trust).
+    """
+    path = writer.result.signing_key
     if path.is_file():
         try:
             return SigningKey.load(path)
         except KeyFileError as exc:
             raise ProvisionError(f"{exc}; restore it, or pass --force (every board needs its new bundle)") from None
-    if provisioned:
+    if any(writer.result.trust_key(device).is_file() for device in writer.result.spec.devices):
         raise ProvisionError(f"{path} is missing but boards trust it; restore it, or pass --force")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
     key = SigningKey.generate()
     key.save(path)
     writer.result.written.append(path)
@@ -403,7 +414,7 @@ def provision(
     ca = _authority(writer, out / "ca", spec.federation, days, provisioned)
     _broker(writer, out, spec, ca, days, broker_dir)
     _coordinator(writer, out, spec, ca, days)
-    trust = _signing_key(writer, out, provisioned).trust_key
+    trust = _signing_key(writer).trust_key
     passwords = {device: _board(writer, out, spec, device, ca, days, trust) for device in spec.devices}
     if spec.passwords:
         _password_file(writer, out / "mosquitto", {d: p for d, p in passwords.items() if p is not None})

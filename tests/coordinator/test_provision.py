@@ -118,6 +118,16 @@ def test_a_lost_signing_key_is_not_silently_replaced(fleet):
         _provision(fleet, "pi-3", federation=FEDERATION)
 
 
+def test_a_fleet_provisioned_before_signing_gets_a_signing_key_on_a_re_run(fleet):
+    (fleet / "coordinator" / "signing.key").unlink()  # as a fleet provisioned before boards trusted a key
+    for board in ("pi-1", "pi-2"):
+        (fleet / "boards" / board / "coordinator.pub").unlink()
+    _provision(fleet, federation=FEDERATION)
+    key = SigningKey.load(fleet / "coordinator" / "signing.key")
+    for board in ("pi-1", "pi-2"):
+        assert TrustKey.load(fleet / "boards" / board / "coordinator.pub").key_id == key.trust_key.key_id
+
+
 def test_device_certificates_name_the_device_and_are_signed_by_the_fleet_ca(fleet):
     ca = _cert(fleet / "ca/ca.pem")
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
