@@ -260,7 +260,9 @@ def build_graph_spec(
         lowered = lowered[:-1]
     if not dropout:
         lowered = [dataclasses.replace(op, active=False) if isinstance(op, ops.Dropout) else op for op in lowered]
-    head = Head(loss, on_logits=from_logits or fused, num_outputs=out_shape[0], **resolve_loss_options(model, config))
+    options = resolve_loss_options(model, config)
+    head = Head(loss, on_logits=from_logits or fused, num_outputs=out_shape[0], **options)
+    _require_loss_options(head, options)
     spec = GraphSpec(tuple(lowered), head, optimizer, config.batch_size, _static_shape(model.inputs[0], "input"))
     return spec, from_logits
 
@@ -305,7 +307,6 @@ def convert_model(
     """Convert an in-memory Keras model; verify it unless ``config.verify`` is False."""
     optimizer = resolve_optimizer(model, config)
     spec, from_logits = build_graph_spec(model, config, optimizer)
-    _require_loss_options(spec.head, resolve_loss_options(model, config))
     module = TrainingModule(spec)
     log(f"lowered {len(spec.ops)} ops, {sum(p.initial.size for p in spec.params):,} parameters; converting")
     with tempfile.TemporaryDirectory(prefix="litefed-") as tmp:
@@ -319,13 +320,17 @@ def convert_model(
     return ConvertedModel(tflite, manifest, report)
 
 
+_LOSS_OPTION_FLAGS = {"label_smoothing": "label-smoothing", "delta": "huber-delta"}
+_LOSS_OPTION_OWNER = {"label_smoothing": "categorical_crossentropy", "delta": "huber"}
+
+
 def _require_loss_options(head: Head, wanted: dict[str, float]) -> None:
     """Refuse to train a loss other than the one asked for (an option the head did not take)."""
     for key, value in wanted.items():
         if head.options.get(key) != value:
             raise UnsupportedModelError(
-                f"loss option {key}={value!r} is not supported for {head.loss} yet; "
-                f"pass --loss {head.loss} to train without it"
+                f"loss option {key}={value!r} is not supported for {head.loss}; "
+                f"leave out --{_LOSS_OPTION_FLAGS[key]}, or pass --loss {_LOSS_OPTION_OWNER[key]}"
             )
 
 

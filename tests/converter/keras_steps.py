@@ -7,22 +7,15 @@ own code paths, not a re-statement of them.
 
 from __future__ import annotations
 
-import inspect
-
 import keras
 import numpy as np
 
 from converter import ConvertConfig, convert_model
-from converter.api import build_graph_spec
 from converter.reference import Batch, named_weights
 from edge_client.runtime import TrainableModel
 from edge_client.weights import NamedArray
 
 L = keras.layers
-
-# build_graph_spec (not edited by the loss work) must hand resolve_loss_options to the Head; until
-# it does, label smoothing and Huber's delta are refused with a fix that works.
-LOSS_OPTIONS_WIRED = "resolve_loss_options" in inspect.getsource(build_graph_spec)
 
 
 def compiled(layers, input_shape, loss, optimizer, seed: int = 0, name: str = "model") -> keras.Model:

@@ -17,7 +17,7 @@ from converter.api import resolve_loss_options
 from converter.losses import Head, keras_loss
 from converter.reference import Batch
 from edge_client.runtime import TrainableModel
-from tests.converter.keras_steps import LOSS_OPTIONS_WIRED, L, compiled, keras_train_on_batch, litert_steps
+from tests.converter.keras_steps import L, compiled, keras_train_on_batch, litert_steps
 from tests.helpers import max_abs_diff
 
 BATCH = 4
@@ -150,10 +150,6 @@ def test_categorical_accuracy_counts_argmax_of_one_hot_labels():
 
 # -- options (label smoothing, Huber delta) -------------------------------------------
 
-# Until build_graph_spec passes the options to the Head these fail (strictly); see keras_steps.
-needs_wiring = pytest.mark.xfail(
-    not LOSS_OPTIONS_WIRED, reason="build_graph_spec does not pass loss options yet", strict=True
-)
 OPTIONED = {
     "cce_label_smoothing": ("cce_softmax_fused", keras.losses.CategoricalCrossentropy(label_smoothing=0.2)),
     "cce_logits_label_smoothing": (
@@ -164,7 +160,6 @@ OPTIONED = {
 }
 
 
-@needs_wiring
 @pytest.mark.parametrize("name", OPTIONED)
 def test_loss_options_train_like_keras(name: str):
     case_id, loss_object = OPTIONED[name]

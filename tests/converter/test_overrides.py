@@ -16,7 +16,6 @@ from converter import ConvertConfig, UnsupportedModelError, convert_model
 from converter.api import resolve_loss, resolve_optimizer
 from converter.cli import main
 from edge_client.manifest import load_manifest
-from tests.converter.keras_steps import LOSS_OPTIONS_WIRED
 
 L = keras.layers
 PLACEHOLDERS = {"LR": "0.05"}  # what a user would type for a placeholder in a message
@@ -53,8 +52,6 @@ REFUSED = {
     "ignore_class": lambda: _model(keras.losses.SparseCategoricalCrossentropy(ignore_class=0)),
     "unknown_compiled_loss": lambda: _model(keras.losses.CategoricalHinge()),
 }
-if not LOSS_OPTIONS_WIRED:  # then supported
-    REFUSED["label_smoothing"] = lambda: _model(keras.losses.BinaryCrossentropy(label_smoothing=0.1))
 
 
 @pytest.mark.parametrize("build", REFUSED.values(), ids=REFUSED.keys())
@@ -141,3 +138,13 @@ def test_cli_flag_fixes_a_refused_keras_file(tmp_path, capsys):
     assert main([*base, "--optimizer", "rmsprop", "--learning-rate", "0.01", "--global-clipnorm", "1"]) == 0
     manifest = load_manifest(out.with_suffix(".json"))
     assert manifest.optimizer["name"] == "rmsprop" and manifest.optimizer["global_clipnorm"] == 1.0
+
+
+def test_a_loss_option_the_loss_does_not_take_is_refused_with_a_fix_that_converts():
+    model = _model("sparse_categorical_crossentropy")
+    config = ConvertConfig(batch_size=2, verify=False, huber_delta=0.5)  # delta is Huber's only
+    with pytest.raises(UnsupportedModelError, match="delta=0.5 is not supported for sparse_categorical_crossentropy; "
+                       "leave out --huber-delta, or pass --loss huber"):  # fmt: skip
+        convert_model(model, config)
+    convert_model(model, ConvertConfig(batch_size=2, verify=False))  # the delta left out
+    convert_model(model, ConvertConfig(batch_size=2, verify=False, huber_delta=0.5, loss="huber"))

@@ -7,26 +7,16 @@ own last batch is simply shorter.
 
 from __future__ import annotations
 
-import inspect
-
 import keras
 import numpy as np
 import pytest
 
-from converter.graph import TrainingModule
 from converter.reference import Batch
 from tests.converter.keras_steps import L, compiled, convert, keras_train_on_batch, keras_twin, litert_steps, padded
 from tests.helpers import max_abs_diff
 
 BATCH = 4
 TOLERANCE = 1e-5
-
-# converter/graph.py (not edited here) must take the step's scale from Head.batch_scale; until it
-# does, its loss is sum(w*l)/sum(w) and these tests fail, strictly (they start passing with it).
-_KERAS_REDUCTION = "batch_scale" in inspect.getsource(TrainingModule.train)
-needs_graph_edit = pytest.mark.xfail(
-    not _KERAS_REDUCTION, reason="graph.py's train does not call Head.batch_scale yet", strict=True
-)
 
 
 def _model(optimizer=None) -> keras.Model:
@@ -41,7 +31,6 @@ def _data(n: int, seed: int = 0):
     return x, y
 
 
-@needs_graph_edit
 @pytest.mark.parametrize("optimizer", [keras.optimizers.SGD(0.5), keras.optimizers.Adam(0.05)], ids=["sgd", "adam"])
 def test_train_on_batch_with_sample_weights_matches_keras(optimizer):
     model = _model(optimizer)
@@ -56,7 +45,6 @@ def test_train_on_batch_with_sample_weights_matches_keras(optimizer):
         assert max_abs_diff(array, ref_weights[name]) <= TOLERANCE, name
 
 
-@needs_graph_edit
 def test_fit_with_class_weights_matches_keras_fit():
     """Keras' fit(class_weight=...) over 10 examples in batches of 4: the last batch has 2."""
     class_weight = {0: 0.25, 1: 4.0, 2: 1.5}
