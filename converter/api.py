@@ -13,8 +13,9 @@ import keras
 import numpy as np
 
 from converter import ops
+from converter.activations import Activation
 from converter.errors import UnsupportedModelError, VerificationError
-from converter.graph import GraphSpec, TrainingModule, boundary_shape, to_tflite
+from converter.graph import MODEL_STATE, GraphSpec, TrainingModule, boundary_shape, to_tflite
 from converter.losses import LOSSES, Head, canonical_loss
 from converter.lowering import lower_model
 from converter.optimizers import OPTIMIZERS, OptimizerConfig
@@ -72,10 +73,15 @@ class ConvertConfig:
     verify_steps: int = 3
     tolerance: float = 1e-4
     seed: int = 0  # verification batches, and the initial weights of a model built from a SPEC
+    model_state: str = "federated"  # BatchNormalization statistics: averaged like weights, or "local"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise UnsupportedModelError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.model_state not in MODEL_STATE:
+            raise UnsupportedModelError(
+                f"model state {self.model_state!r} is not supported; choose one of {', '.join(MODEL_STATE)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -243,6 +249,16 @@ def _static_shape(tensor, what: str) -> tuple[int, ...]:
     return shape
 
 
+def _input_dtype(model: keras.Model) -> str:
+    """``float32``, or ``int32`` for integer inputs (token ids into an Embedding)."""
+    dtype = str(model.inputs[0].dtype)
+    if dtype.startswith(("int", "uint")):
+        return "int32"
+    if dtype != "float32":
+        raise UnsupportedModelError(f"the model's input dtype {dtype} is not supported; use float32 or an integer")
+    return "float32"
+
+
 def build_graph_spec(
     model: keras.Model, config: ConvertConfig, optimizer: OptimizerConfig, dropout: bool = True
 ) -> tuple[GraphSpec, bool]:
@@ -255,7 +271,7 @@ def build_graph_spec(
     if loss == "sparse_categorical_crossentropy" and out_shape[0] < 2:
         raise UnsupportedModelError("sparse categorical cross-entropy needs at least 2 outputs")
     last = lowered[-1]
-    fused = not from_logits and isinstance(last, ops.Activation) and last.kind == _FUSABLE.get(loss)
+    fused = not from_logits and isinstance(last, Activation) and last.kind == _FUSABLE.get(loss)
     if fused:
         lowered = lowered[:-1]
     if not dropout:
@@ -263,7 +279,15 @@ def build_graph_spec(
     options = resolve_loss_options(model, config)
     head = Head(loss, on_logits=from_logits or fused, num_outputs=out_shape[0], **options)
     _require_loss_options(head, options)
-    spec = GraphSpec(tuple(lowered), head, optimizer, config.batch_size, _static_shape(model.inputs[0], "input"))
+    spec = GraphSpec(
+        tuple(lowered),
+        head,
+        optimizer,
+        config.batch_size,
+        _static_shape(model.inputs[0], "input"),
+        input_dtype=_input_dtype(model),
+        model_state=config.model_state,
+    )
     return spec, from_logits
 
 
@@ -276,7 +300,11 @@ def _manifest(
         for n, v in zip(module.state_names(), module.state_variables(), strict=True)
     ]
     outputs = ["loss", "correct"] if head.task != "regression" else ["loss"]
-    weight_names = [p.name for p in spec.params] + [s.name for s in state]
+    model_state = tuple(TensorSpec(s.name, boundary_shape(s.initial.shape), "float32") for s in spec.state)
+    trainable = tuple(TensorSpec(p.name, boundary_shape(p.initial.shape), "float32") for p in spec.params)
+    federated = trainable + (model_state if spec.model_state == "federated" else ())
+    local = () if spec.model_state == "federated" else model_state
+    weight_names = module.tensor_names()
     return Manifest(
         model_name=model.name,
         task=head.task,
@@ -287,8 +315,9 @@ def _manifest(
         num_classes=head.num_outputs if head.task == "multiclass" else (2 if head.task == "binary" else 0),
         loss={"name": head.loss, "from_logits": from_logits, **head.options},
         optimizer=spec.optimizer.to_json(),
-        weights=tuple(TensorSpec(p.name, boundary_shape(p.initial.shape), "float32") for p in spec.params),
+        weights=federated,
         optimizer_state=tuple(state),
+        local_state=local,
         signatures={
             "train": {"inputs": ["x", "y", "sample_weight", "lr", "mu"], "outputs": outputs},
             "infer": {"inputs": ["x"], "outputs": ["output"]},

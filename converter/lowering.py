@@ -11,117 +11,28 @@ weights, input gradient only); trainable nested models are flattened.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import keras
 import numpy as np
 
-from converter import ops
+from converter import activations, normalization, ops, recurrent, spatial
+from converter.activations import with_activation
 from converter.errors import UnsupportedModelError
 from converter.frozen import FROZEN_LAYERS, FrozenPrefix, leaf_layers
-
-
-def _unsupported(layer: keras.layers.Layer, why: str) -> UnsupportedModelError:
-    return UnsupportedModelError(
-        f"layer {layer.name!r} ({type(layer).__name__}): {why}. "
-        f"litefed supports the layers {', '.join(SUPPORTED_LAYERS)} "
-        f"with activations {', '.join(ops.ACTIVATIONS)}."
-    )
-
-
-def activation_op(layer: keras.layers.Layer, fn: Callable, name: str) -> ops.Activation:
-    """The op for a Keras activation function (``relu6`` and ``leaky_relu`` are parametrised ReLUs)."""
-    kind = getattr(fn, "__name__", type(fn).__name__)
-    if kind not in ops.ACTIVATIONS:
-        raise _unsupported(layer, f"activation {kind!r} is not supported")
-    if kind == "relu6":
-        return ops.Activation(name, kind="relu", max_value=6.0)
-    if kind == "leaky_relu":  # keras.activations.leaky_relu's default slope
-        return ops.Activation(name, kind="relu", negative_slope=0.2)
-    return ops.Activation(name, kind=kind)
-
-
-def _check_plain(layer: keras.layers.Layer) -> None:
-    """Refuse options that would change training in ways we do not lower."""
-    for attr in ("kernel_regularizer", "bias_regularizer", "activity_regularizer"):
-        if getattr(layer, attr, None) is not None:
-            raise _unsupported(layer, f"{attr} is not supported; remove it")
-    for attr in ("kernel_constraint", "bias_constraint"):
-        if getattr(layer, attr, None) is not None:
-            raise _unsupported(layer, f"{attr} is not supported; remove it")
-    if getattr(layer, "data_format", "channels_last") != "channels_last":
-        raise _unsupported(layer, "only data_format='channels_last' is supported")
-    if getattr(layer, "lora_enabled", False):
-        raise _unsupported(layer, "LoRA layers are not supported")
-
-
-def _params(layer: keras.layers.Layer) -> list[ops.Param]:
-    names = ["kernel", "bias"] if getattr(layer, "use_bias", False) else ["kernel"]
-    values = _weight_values(layer)
-    if len(values) != len(names):
-        raise _unsupported(layer, f"expected weights {names}, found {len(values)} tensors")
-    return [ops.Param(f"{layer.name}/{n}", v) for n, v in zip(names, values, strict=True)]
-
-
-def _weight_values(layer: keras.layers.Layer) -> list[np.ndarray]:
-    return [np.asarray(keras.ops.convert_to_numpy(v), np.float32) for v in layer.weights]
-
-
-def _with_params(layer, op: ops.Op) -> ops.Op:
-    """``op`` training the layer's weights, or, for a frozen layer, holding them as constants."""
-    if layer.trainable_weights:
-        return dataclasses.replace(op, params=_params(layer))
-    params = _params(layer)  # checks the weights are what the op expects
-    return ops.Frozen(layer.name, inner=op, values=tuple(p.initial for p in params))
-
-
-def _with_activation(layer, op: ops.Op) -> list[ops.Op]:
-    act = activation_op(layer, layer.activation, layer.name)
-    return [op] if act.kind == "linear" else [op, act]
+from converter.layers import check_plain, unsupported, with_params
 
 
 def _lower_dense(layer) -> list[ops.Op]:
     if len(layer.input.shape) != 2:
-        raise _unsupported(layer, "Dense is supported on (batch, features) inputs; add a Flatten")
-    return _with_activation(layer, _with_params(layer, ops.Dense(layer.name)))
-
-
-def _lower_conv(layer) -> list[ops.Op]:
-    if tuple(layer.dilation_rate) != (1, 1) or layer.groups != 1:
-        raise _unsupported(layer, "dilated or grouped convolutions are not supported")
-    if layer.padding not in ("valid", "same"):
-        raise _unsupported(layer, f"padding {layer.padding!r} is not supported")
-    op = ops.Conv2D(layer.name, strides=tuple(layer.strides), padding=layer.padding)
-    return _with_activation(layer, _with_params(layer, op))
-
-
-def _lower_pool(layer, cls) -> list[ops.Op]:
-    strides = tuple(layer.strides) if layer.strides is not None else tuple(layer.pool_size)
-    return [cls(layer.name, pool=tuple(layer.pool_size), strides=strides, padding=layer.padding)]
-
-
-def _lower_relu(layer) -> list[ops.Op]:
-    if float(layer.negative_slope) != 0 or float(layer.threshold) != 0:
-        raise _unsupported(layer, "ReLU with negative_slope or threshold is not supported; use LeakyReLU")
-    max_value = None if layer.max_value is None else float(layer.max_value)
-    return [ops.Activation(layer.name, kind="relu", max_value=max_value)]
-
-
-def _lower_global_pool(layer, kind: str) -> list[ops.Op]:
-    return [ops.GlobalPool2D(layer.name, kind=kind, keepdims=bool(layer.keepdims))]
-
-
-def _lower_softmax(layer) -> list[ops.Op]:
-    if layer.axis not in (-1, len(layer.input.shape) - 1):
-        raise _unsupported(layer, "softmax is supported over the last axis only")
-    return [ops.Activation(layer.name, kind="softmax")]
+        raise unsupported(layer, "Dense is supported on (batch, features) inputs; add a Flatten")
+    return with_activation(layer, with_params(layer, ops.Dense(layer.name)))
 
 
 def _lower_dropout(layer) -> list[ops.Op]:
     if layer.noise_shape is not None:
-        raise _unsupported(layer, "Dropout with noise_shape is not supported")
+        raise unsupported(layer, "Dropout with noise_shape is not supported")
     return [ops.Dropout(layer.name, rate=float(layer.rate))]
 
 
@@ -134,19 +45,14 @@ def _lower_rescaling(layer) -> list[ops.Op]:
 _LOWERINGS: dict[str, Callable[[keras.layers.Layer], list[ops.Op]]] = {
     "InputLayer": lambda layer: [],
     "Dense": _lower_dense,
-    "Conv2D": _lower_conv,
-    "MaxPooling2D": lambda layer: _lower_pool(layer, ops.MaxPool2D),
-    "AveragePooling2D": lambda layer: _lower_pool(layer, ops.AvgPool2D),
     "Flatten": lambda layer: [ops.Reshape(layer.name, target=(-1,))],
     "Reshape": lambda layer: [ops.Reshape(layer.name, target=tuple(layer.target_shape))],
     "Dropout": _lower_dropout,
     "Rescaling": _lower_rescaling,
-    "Activation": lambda layer: [activation_op(layer, layer.activation, layer.name)],
-    "ReLU": _lower_relu,
-    "LeakyReLU": lambda layer: [ops.Activation(layer.name, kind="relu", negative_slope=float(layer.negative_slope))],
-    "GlobalAveragePooling2D": lambda layer: _lower_global_pool(layer, "mean"),
-    "GlobalMaxPooling2D": lambda layer: _lower_global_pool(layer, "max"),
-    "Softmax": _lower_softmax,
+    **spatial.LOWERINGS,
+    **activations.LOWERINGS,
+    **normalization.LOWERINGS,
+    **recurrent.LOWERINGS,
 }
 
 SUPPORTED_LAYERS: tuple[str, ...] = tuple(_LOWERINGS)
@@ -182,8 +88,8 @@ def lower_model(model: keras.Model) -> list[ops.Op]:
 def _lower_layer(layer: keras.layers.Layer) -> list[ops.Op]:
     kind = type(layer).__name__
     if kind not in _LOWERINGS:
-        raise _unsupported(layer, "this layer type is not supported")
-    _check_plain(layer)
+        raise unsupported(layer, "this layer type is not supported")
+    check_plain(layer)
     return _LOWERINGS[kind](layer)
 
 

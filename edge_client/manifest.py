@@ -45,11 +45,14 @@ class Manifest:
     converter_version: str
     fedprox: bool = True
     verification: dict[str, Any] = field(default_factory=dict)
+    local_state: tuple[TensorSpec, ...] = ()
+    """Model state that stays on the board (BatchNormalization statistics converted with
+    ``--model-state local``): kept across rounds, never sent, never replaced by the global model."""
 
     @property
     def all_weights(self) -> tuple[TensorSpec, ...]:
-        """Trainable tensors followed by optimizer state, the order of ``get_weights``."""
-        return self.weights + self.optimizer_state
+        """Federated tensors, then the board's local state and optimizer state: everything ``get_weights`` returns."""
+        return self.weights + self.local_state + self.optimizer_state
 
     @property
     def is_classifier(self) -> bool:
@@ -83,6 +86,7 @@ class Manifest:
             "fedprox": self.fedprox,
             "weights": [s.to_json() for s in self.weights],
             "optimizer_state": [s.to_json() for s in self.optimizer_state],
+            "local_state": [s.to_json() for s in self.local_state],
             "signatures": self.signatures,
             "model_sha256": self.model_sha256,
             "verification": self.verification,
@@ -116,6 +120,7 @@ class Manifest:
                 converter_version=str(obj["converter_version"]),
                 fedprox=bool(obj.get("fedprox", False)),
                 verification=dict(obj.get("verification", {})),
+                local_state=tuple(TensorSpec.from_json(s) for s in obj.get("local_state", [])),
             )
         except (KeyError, TypeError, ValueError, WeightsError) as exc:
             raise ManifestError(f"malformed manifest: {exc!r}") from exc

@@ -231,6 +231,13 @@ class TrainableModel:
         return Metrics(loss_sum / count, accuracy, count)
 
     # -- weights --------------------------------------------------------------
+    def _local_state(self) -> Weights:
+        """The board's current local state (none for most models)."""
+        if not self.manifest.local_state:
+            return []
+        out = self._runners["get_weights"]()
+        return [NamedArray(s.name, np.array(out[s.name])) for s in self.manifest.local_state]
+
     def get_weights(self, include_optimizer: bool = False) -> Weights:
         """Current weights in manifest order, optionally with optimizer state."""
         out = self._runners["get_weights"]()
@@ -240,20 +247,24 @@ class TrainableModel:
     def set_weights(self, weights: Weights) -> None:
         """Assign weights and make them the FedProx anchor.
 
-        ``weights`` holds either the trainable tensors only, in which case the
+        ``weights`` holds either the federated tensors only, in which case the
         optimizer state is reset to zero (a fresh local optimizer, as at the
-        start of a federated round), or trainable tensors plus optimizer state.
+        start of a federated round) and the board's local state is kept, or
+        everything ``get_weights(include_optimizer=True)`` returns.
         Everything is validated before anything is assigned.
         """
         specs = self.manifest.all_weights
         if len(weights) == len(self.manifest.weights):
-            weights = list(weights) + [
-                NamedArray(s.name, np.zeros(s.shape, s.dtype)) for s in self.manifest.optimizer_state
-            ]
+            local = self._local_state()
+            weights = (
+                list(weights)
+                + local
+                + [NamedArray(s.name, np.zeros(s.shape, s.dtype)) for s in self.manifest.optimizer_state]
+            )
         elif len(weights) != len(specs):
             raise WeightsError(
-                f"expected {len(self.manifest.weights)} trainable tensors "
-                f"(or {len(specs)} with optimizer state), got {len(weights)}"
+                f"expected {len(self.manifest.weights)} federated tensors "
+                f"(or {len(specs)} with local and optimizer state), got {len(weights)}"
             )
         check_weights(weights, specs)
         self._runners["set_weights"](**{name: array for name, array in weights})

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 
+from converter.activations import ACTIVATIONS
 from converter.frozen import FROZEN_LAYERS
 from converter.lowering import SUPPORTED_LAYERS
-from converter.ops import ACTIVATIONS
 from tests.helpers import REPO_ROOT
 
 

@@ -1,0 +1,12 @@
+"""BatchNormalization and LayerNormalization: ops and their lowerings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import keras
+
+from converter.ops import Op
+
+LOWERINGS: dict[str, Callable[[keras.layers.Layer], list[Op]]] = {}
+"""Layer types of this family and their lowerings (merged into :data:`converter.lowering.SUPPORTED_LAYERS`)."""
