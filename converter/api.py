@@ -219,13 +219,19 @@ def _from_keras_optimizer(opt: keras.optimizers.Optimizer, config: ConvertConfig
         if cfg.get(key):
             raise UnsupportedModelError(f"optimizer option {key}={cfg[key]!r} is not supported; {replace}")
     out: dict[str, Any] = {"name": name}
-    if config.learning_rate is None:
+    if config.learning_rate is None:  # --learning-rate replaces a compiled schedule with a constant rate
         lr = cfg.get("learning_rate")
-        if not isinstance(lr, (int, float)):
+        if isinstance(lr, dict):  # a serialized schedule: train computes it from optimizer/iterations
+            from converter.optimizers import Schedule  # local: only this function of api.py needs it
+
+            schedule = Schedule.from_keras(lr)
+            out.update(schedule=schedule, learning_rate=_f32(schedule.base_rate))
+        elif isinstance(lr, (int, float)):
+            out["learning_rate"] = _f32(lr)
+        else:
             raise UnsupportedModelError(
-                "learning-rate schedules are not supported; pass --learning-rate LR for a constant rate"
+                f"learning rate {lr!r} is not supported; pass --learning-rate LR for a constant rate"
             )
-        out["learning_rate"] = _f32(lr)
     for key in _OPTIMIZER_FIELDS[name]:
         value = cfg[key]
         out[key] = value if isinstance(value, bool) else _f32(value)

@@ -82,6 +82,8 @@ def reference_steps(
     def step(x, y, w):
         with tf.GradientTape() as tape:
             value = loss_fn(y, clone(x, training=False), sample_weight=w)
+            if clone.losses:  # Keras' loss includes the trainable weights' regularization penalties
+                value = value + tf.add_n(clone.losses)
             prox = tf.add_n([tf.reduce_sum(tf.square(v - a)) for v, a in zip(variables, anchors, strict=True)])
             total = value + 0.5 * mu * prox
         opt.apply_gradients(zip(tape.gradient(total, variables), variables, strict=True))

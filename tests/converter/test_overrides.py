@@ -39,7 +39,7 @@ def suggested_config(message: str) -> ConvertConfig:
     return ConvertConfig(batch_size=2, verify=False, **settings)
 
 
-SCHEDULE = keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.9)
+SCHEDULE = keras.optimizers.schedules.CosineDecayRestarts(0.1, 10)  # a schedule litefed refuses
 REFUSED = {
     "uncompiled": lambda: _model(),
     "unknown_compiled_optimizer": lambda: _model("sparse_categorical_crossentropy", keras.optimizers.Nadam()),

@@ -37,7 +37,7 @@ UNSUPPORTED_LAYERS = {
         (8, 8, 1), L.Conv2D(2, 3, dilation_rate=2, name="bad_dilated"), L.Flatten(), L.Dense(2, activation="softmax")
     ),
     "dense_regularizer": lambda: sequential(
-        (6,), L.Dense(4, kernel_regularizer="l2", name="bad_regularized"), L.Dense(2, activation="softmax")
+        (6,), L.Dense(4, activity_regularizer="l2", name="bad_regularized"), L.Dense(2, activation="softmax")
     ),
     "leaky_relu_layer": lambda: sequential(
         (6,), L.Dense(4), L.ReLU(negative_slope=0.1, name="bad_leaky"), L.Dense(2, activation="softmax")
@@ -140,7 +140,7 @@ def test_unsupported_compiled_optimizer_is_refused():
         (keras.optimizers.SGD(0.1, use_ema=True), "use_ema"),
         (keras.optimizers.Adam(0.1, gradient_accumulation_steps=2), "gradient_accumulation_steps"),
         (keras.optimizers.Adam(0.1, amsgrad=True), "amsgrad"),
-        (keras.optimizers.SGD(keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.9)), "learning-rate"),
+        (keras.optimizers.SGD(keras.optimizers.schedules.CosineDecayRestarts(0.1, 10)), "learning-rate"),
     ],
     ids=["use_ema", "gradient_accumulation", "amsgrad", "schedule"],
 )
